@@ -1,0 +1,405 @@
+"""The public entry points ``fit``, ``evaluate`` and ``predict``.
+
+Owns: checking and normalising arguments and data before any work, choosing the default
+callbacks, and building the ``Run``. Must not iterate over batches (that is ``loop``'s job).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from trainwell import loop
+from trainwell.callbacks import Callback, CallbackList
+from trainwell.data import Batches, TensorBatches, split_validation, to_batches
+from trainwell.errors import DataError, config_error, data_error, describe
+from trainwell.history import History
+from trainwell.losses import LossFn, LossSpec, binary_threshold, check_loss_inputs, resolve_loss
+from trainwell.metrics import AccuracyMode, ExternalMetric, Metric, MetricFn, Tally, metric_name, resolve_metric
+from trainwell.optimizers import build_optimizer
+from trainwell.precision import build_precision
+from trainwell.progress import ProgressDisplay, choose_mode
+from trainwell.run import Run
+
+MetricArg = str | MetricFn | Metric | ExternalMetric
+Progress = bool | Literal["auto"]
+_SAMPLE_SIZE = 8
+
+
+def fit(
+    model: nn.Module,
+    train: Any,
+    *,
+    loss: str | LossFn,
+    optimizer: str | torch.optim.Optimizer = "sgd",
+    lr: float | None = None,
+    epochs: int = 1,
+    batch_size: int = 32,
+    shuffle: bool = True,
+    metrics: Sequence[MetricArg] = (),
+    val: Any = None,
+    val_split: float = 0.0,
+    callbacks: Sequence[Callback] = (),
+    device: str | torch.device = "auto",
+    progress: Progress = "auto",
+    seed: int | None = None,
+    **optimizer_options: Any,
+) -> History:
+    """Train ``model`` on ``train`` and return the per-epoch History.
+
+    Every argument and the first batch are checked before any weight changes. Loss and
+    metrics are averaged over the samples of each epoch (a smaller last batch counts by its
+    size) and computed from the training step's own outputs.
+
+    Args:
+        model: Any ``torch.nn.Module``. It is moved to ``device`` and trained in place; its
+            train/eval mode is restored when ``fit`` returns.
+        train: ``(inputs, targets)`` as tensors or numpy arrays (inputs may be a tuple or dict of
+            them for ``model(*inputs)`` / ``model(**inputs)``), a torch Dataset, a DataLoader, or
+            an iterable of ``(inputs, targets)`` batches.
+        loss: A name (``mse``, ``l1``, ``huber``, ``cross_entropy``, ``bce``, ``bce_with_logits``,
+            ``nll``) or ``callable(outputs, targets) -> scalar tensor`` (the batch mean).
+        optimizer: A name (``sgd``, ``adam``, ``adamw``, ``rmsprop``) or an optimizer instance,
+            used as given.
+        lr: Learning rate of a named optimizer (default 0.01 for sgd, 0.001 for the others).
+        epochs: Number of passes over ``train``.
+        batch_size: Samples per batch, unless ``train``/``val`` are DataLoaders or batch iterables.
+        shuffle: Reshuffle in-memory data and Datasets every epoch.
+        metrics: Names (``accuracy``, ``top5_accuracy``, ``mae``, ``mse``, ``rmse``), callables
+            ``(outputs, targets) -> tensor``, or torchmetrics-style objects.
+        val: Validation data, of the same kinds as ``train``.
+        val_split: Fraction of ``train`` (in memory or a Dataset) held out for validation when
+            ``val`` is None; a random subset, reproducible with ``seed``.
+        callbacks: ``trainwell.Callback`` objects, called in order before the display.
+        device: ``"auto"`` (cuda, else mps, else cpu), or any torch device or string.
+        progress: ``"auto"`` (a live line in a terminal, a widget in a notebook, one line per
+            epoch in logs), True (always the live line), or False (print nothing).
+        seed: Makes the data order, ``val_split`` and torch's random numbers (dropout)
+            reproducible; it seeds torch's global generator.
+        **optimizer_options: Extra arguments of a named optimizer, e.g. ``momentum=0.9``.
+
+    Returns:
+        The History: ``history["loss"]``, ``history["val_accuracy"]``, ... one float per epoch.
+
+    Raises:
+        ConfigError: An invalid argument (unknown name, epochs < 1, ...), with the fix.
+        DataError: Data that does not fit the model or loss (no targets, label out of range,
+            shapes torch would broadcast, ...), with the fix.
+
+    Example:
+        >>> import torch, trainwell
+        >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+        >>> model = torch.nn.Linear(4, 3)
+        >>> history = trainwell.fit(model, (x, y), loss="cross_entropy", epochs=2,
+        ...                         metrics=["accuracy"], progress=False, seed=0)
+        >>> history.epochs, sorted(history)
+        (2, ['accuracy', 'loss'])
+    """
+    _check_model(model)
+    _check_count("epochs", epochs)
+    _check_count("batch_size", batch_size)
+    _check_choice("shuffle", shuffle, (True, False))
+    _check_choice("progress", progress, (True, False, "auto"))
+    if isinstance(val_split, bool) or not isinstance(val_split, (int, float)) or not 0 <= val_split < 1:
+        raise config_error(
+            "val_split must be a fraction in [0, 1).", f"val_split={val_split!r}", "pass e.g. val_split=0.1."
+        )
+    if val_split and val is not None:
+        raise config_error(
+            "Pass either val or val_split, not both.",
+            f"val={describe(val)}, val_split={val_split}",
+            "drop val_split to use the given validation data.",
+        )
+    spec = resolve_loss(loss)
+    train_metrics = _resolve_metrics(metrics, spec)
+    val_metrics = _resolve_metrics(metrics, spec)
+    target = _resolve_device(device)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    else:
+        _check_count("seed", seed, minimum=0)
+        torch.manual_seed(seed)
+    dtype = _float_dtype(model)
+    if val_split:
+        train, val = split_validation(train, val_split, seed, dtype)
+    train_batches = to_batches(train, batch_size=batch_size, shuffle=shuffle, seed=seed, device=target, dtype=dtype)
+    val_batches = None
+    if val is not None:
+        val_batches = to_batches(val, batch_size=batch_size, shuffle=False, seed=seed, device=target, dtype=dtype)
+    model.to(target)
+    built_optimizer = build_optimizer(optimizer, model, lr, optimizer_options)
+    _check_data(model, spec, train_batches, role="training data", needs_targets=True, model_device=target)
+    if val_batches is not None:
+        _check_data(model, spec, val_batches, role="validation data", needs_targets=True, model_device=target)
+
+    run = Run(
+        model=model,
+        module=model,
+        optimizer=built_optimizer,
+        loss_fn=spec.fn,
+        train_tally=Tally(train_metrics),
+        val_tally=Tally(val_metrics, prefix="val_"),
+        precision=build_precision("fp32", target),
+        device=target,
+        callbacks=CallbackList([*callbacks, *_display(progress)]),
+        step=loop.train_step,
+        train_batches=train_batches,
+        val_batches=val_batches,
+        epochs=epochs,
+        seed=seed,
+    )
+    built_optimizer.zero_grad(set_to_none=True)
+    with _training_mode(model):
+        loop.fit_loop(run)
+    return run.history
+
+
+def evaluate(
+    model: nn.Module,
+    data: Any,
+    *,
+    loss: str | LossFn | None = None,
+    metrics: Sequence[MetricArg] = (),
+    batch_size: int = 256,
+    device: str | torch.device = "auto",
+) -> dict[str, float]:
+    """Score ``model`` on ``data``: the loss and metrics averaged over every sample.
+
+    Runs in eval mode under ``torch.inference_mode()``; the model's modes are restored after.
+
+    Args:
+        model: The model.
+        data: The same kinds as ``fit``'s ``train``; it must have targets.
+        loss: A loss name or callable (optional when metrics are given).
+        metrics: As in ``fit``.
+        batch_size: Samples per batch for in-memory data and Datasets.
+        device: As in ``fit``.
+
+    Returns:
+        ``{"loss": ..., "<metric>": ...}`` as floats.
+
+    Raises:
+        ConfigError / DataError: As in ``fit``.
+
+    Example:
+        >>> import torch, trainwell
+        >>> model = torch.nn.Linear(4, 3)
+        >>> x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+        >>> sorted(trainwell.evaluate(model, (x, y), loss="cross_entropy", metrics=["accuracy"]))
+        ['accuracy', 'loss']
+    """
+    _check_model(model)
+    _check_count("batch_size", batch_size)
+    if loss is None and not metrics:
+        raise config_error(
+            "evaluate needs a loss or metrics to compute.",
+            "loss=None, metrics=()",
+            "pass e.g. loss='cross_entropy' or metrics=['accuracy'].",
+        )
+    spec = resolve_loss(loss) if loss is not None else None
+    tally = Tally(_resolve_metrics(metrics, spec), has_loss=spec is not None)
+    target = _resolve_device(device)
+    batches = to_batches(data, batch_size=batch_size, shuffle=False, seed=0, device=target, dtype=_float_dtype(model))
+    model.to(target)
+    _check_data(model, spec, batches, role="evaluation data", needs_targets=True, model_device=target)
+    run = _inference_run(model, target, tally, spec.fn if spec is not None else None)
+    return loop.eval_epoch(run, batches, tally)
+
+
+def predict(
+    model: nn.Module,
+    data: Any,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "auto",
+) -> Any:
+    """The model's outputs for every sample of ``data``, concatenated on the CPU in input order.
+
+    Args:
+        model: The model.
+        data: Inputs alone (a tensor, array or dict; ``(inputs,)`` for a tuple of several inputs),
+            or any kind ``fit`` accepts; targets, when present, are ignored.
+        batch_size: Samples per batch for in-memory data and Datasets.
+        device: As in ``fit``.
+
+    Returns:
+        A tensor of shape (N, ...); a tuple or dict of such tensors when the model returns one.
+
+    Example:
+        >>> import torch, trainwell
+        >>> trainwell.predict(torch.nn.Linear(4, 3), torch.randn(10, 4)).shape
+        torch.Size([10, 3])
+    """
+    _check_model(model)
+    _check_count("batch_size", batch_size)
+    target = _resolve_device(device)
+    batches = to_batches(data, batch_size=batch_size, shuffle=False, seed=0, device=target, dtype=_float_dtype(model))
+    model.to(target)
+    run = _inference_run(model, target, Tally([], has_loss=False), None)
+    return _concatenate(loop.predict_loop(run, batches))
+
+
+def _inference_run(model: nn.Module, device: torch.device, tally: Tally, loss_fn: LossFn | None) -> Run:
+    return Run(
+        model=model,
+        module=model,
+        optimizer=None,
+        loss_fn=loss_fn,
+        train_tally=Tally([], has_loss=False),
+        val_tally=tally,
+        precision=build_precision("fp32", device),
+        device=device,
+    )
+
+
+def _display(progress: Progress) -> list[Callback]:
+    mode = choose_mode(progress, sys.stdout)
+    return [] if mode is None else [ProgressDisplay(mode)]
+
+
+def _check_data(
+    model: nn.Module,
+    spec: LossSpec | None,
+    batches: Batches,
+    *,
+    role: str,
+    needs_targets: bool,
+    model_device: torch.device,
+) -> None:
+    """Run the model once on a few samples (eval mode, no grad, RNG untouched) and check the
+    outputs and targets against the loss before anything trains."""
+    devices = [model_device.index or 0] if model_device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), loop.evaluation_mode(model):
+        sample = batches.sample(_SAMPLE_SIZE)
+        if needs_targets and sample.targets is None:
+            raise data_error(
+                f"The {role} has no targets.",
+                f"inputs only: {describe(sample.inputs)}",
+                "pass (inputs, targets), e.g. fit(model, (x, y), ...), or a Dataset whose items are (input, target).",
+            )
+        try:
+            outputs = loop.call_model(model, sample.inputs)
+        except RuntimeError as error:
+            raise data_error(
+                f"The model failed on a sample of the {role}: {error}",
+                f"inputs {describe(sample.inputs)}; model {type(model).__name__}",
+                "make the inputs match what the model's first layer expects (number of features, dtype).",
+            ) from error
+        if spec is None or sample.targets is None:
+            return
+        all_targets = batches.data.targets if isinstance(batches, TensorBatches) else None
+        check_loss_inputs(spec, outputs, sample.targets, all_targets=all_targets)
+        try:
+            value = spec.fn(outputs, sample.targets)
+        except (RuntimeError, ValueError, IndexError) as error:
+            raise data_error(
+                f"The loss {spec.name} failed on a sample of the {role}: {error}",
+                f"outputs {describe(outputs)}, targets {describe(sample.targets)}",
+                "make the targets match what the loss expects (see the loss's documentation).",
+            ) from error
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            raise data_error(
+                f"The loss {spec.name} must return a scalar tensor (the batch mean).",
+                describe(value),
+                "reduce it with .mean(), or use reduction='mean' for torch loss modules.",
+            )
+
+
+def _resolve_metrics(metrics: Sequence[MetricArg], spec: LossSpec | None) -> list[Metric | ExternalMetric]:
+    if isinstance(metrics, (str, Metric)) or callable(metrics):
+        metrics = [metrics]
+    mode: AccuracyMode = "auto"
+    threshold = 0.5
+    if spec is not None:
+        threshold = binary_threshold(spec)
+        if spec.targets == "classes":
+            mode = "multiclass"
+        elif spec.name in ("bce", "bce_with_logits"):
+            mode = "binary"
+    resolved = [resolve_metric(metric, threshold=threshold, mode=mode) for metric in metrics]
+    names = [metric_name(metric) for metric in resolved]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates or "loss" in names:
+        raise config_error(
+            "Metric names must be unique and differ from 'loss'.",
+            f"metrics named {', '.join(names)}",
+            "remove the duplicate, or give a function metric another __name__.",
+        )
+    return resolved
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise config_error(
+            f"Unknown device: {error}", f"device={device!r}", "pass 'auto', 'cpu', 'cuda', 'cuda:1' or 'mps'."
+        ) from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise config_error(
+            "CUDA is not available on this machine.", f"device={device!r}", "pass device='auto' or 'cpu'."
+        )
+    return resolved
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.get_default_dtype()
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise config_error(
+            "model must be a torch.nn.Module.",
+            describe(model),
+            "pass the module itself, e.g. fit(nn.Linear(4, 1), ...), not its outputs or a class.",
+        )
+
+
+def _check_count(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise config_error(
+            f"{name} must be an integer >= {minimum}.", f"{name}={value!r}", f"pass {name}={max(minimum, 1)} or more."
+        )
+
+
+def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if not any(value is choice if isinstance(choice, bool) else value == choice for choice in choices):
+        raise config_error(f"Invalid {name}.", f"{name}={value!r}", f"use one of: {', '.join(map(repr, choices))}.")
+
+
+@contextlib.contextmanager
+def _training_mode(model: nn.Module) -> Iterator[None]:
+    """Train a model given in eval mode in train mode; restore every submodule's mode after."""
+    modes = [(module, module.training) for module in model.modules()]
+    if not model.training:
+        model.train()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _concatenate(parts: list[Any]) -> Any:
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts).cpu()
+    if isinstance(first, dict):
+        return {key: _concatenate([part[key] for part in parts]) for key in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concatenate(list(column)) for column in zip(*parts, strict=True))
+    raise DataError(f"predict can only concatenate tensors; the model returned {describe(first)}.")

@@ -1,0 +1,406 @@
+"""Turns every accepted kind of data into ``Batches`` with ``for_epoch(epoch, skip)``.
+
+Owns: recognising input kinds (tensors/arrays, Dataset, DataLoader, iterables of batches),
+converting arrays, validation splits, and the shuffled order, which is a function of
+(seed, epoch) only. Must not run the model or compute losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from trainwell.errors import config_error, data_error, describe
+
+ACCEPTED = (
+    "(inputs, targets) as tensors or numpy arrays, a torch Dataset, a DataLoader, "
+    "or an iterable of (inputs, targets) batches"
+)
+
+
+class Batch(NamedTuple):
+    """One batch on the training device.
+
+    Attributes:
+        inputs: A tensor, a tuple of tensors (``model(*inputs)``) or a dict (``model(**inputs)``).
+        targets: The targets, or None for data without targets.
+        size: Number of samples, known on the host without a device synchronisation.
+    """
+
+    inputs: Any
+    targets: torch.Tensor | None
+    size: int
+
+
+class Batches(Protocol):
+    """What the loop iterates: the same batches, in an order that depends only on the epoch."""
+
+    num_batches: int | None
+    num_samples: int | None
+
+    def for_epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        """Yield the batches of ``epoch``, leaving out the first ``skip``."""
+        ...
+
+    def sample(self, count: int) -> Batch:
+        """The first ``count`` samples (or the first batch), for checks before training."""
+        ...
+
+
+@dataclass
+class InMemory:
+    """Data held as tensors: inputs (tensor, tuple or dict of tensors) and optional targets."""
+
+    inputs: Any
+    targets: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return _length(self.inputs)
+
+    def take(self, index: torch.Tensor | slice) -> tuple[Any, torch.Tensor | None]:
+        """Rows ``index`` of inputs and targets (an index tensor gathers, a slice views)."""
+        targets = None if self.targets is None else _rows(self.targets, index)
+        return _map_tensors(self.inputs, lambda tensor: _rows(tensor, index)), targets
+
+
+def _rows(tensor: torch.Tensor, index: torch.Tensor | slice) -> torch.Tensor:
+    if isinstance(index, slice):
+        return tensor[index]
+    return tensor.index_select(0, index)
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled sample order of ``epoch``: the same for the same (seed, epoch), always.
+
+    Example:
+        >>> torch.equal(epoch_order(10, seed=1, epoch=3), epoch_order(10, seed=1, epoch=3))
+        True
+    """
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+    return torch.randperm(num_samples, generator=generator)
+
+
+class TensorBatches:
+    """In-memory data batched by slicing a shuffled index (no per-sample indexing or collate)."""
+
+    def __init__(self, data: InMemory, *, batch_size: int, shuffle: bool, seed: int, device: torch.device) -> None:
+        self.data = data
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.device = device
+        self.num_samples: int | None = len(data)
+        self.num_batches: int | None = -(-len(data) // batch_size)
+
+    def for_epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        total = len(self.data)
+        order = epoch_order(total, self.seed, epoch) if self.shuffle else None
+        for start in range(skip * self.batch_size, total, self.batch_size):
+            stop = min(start + self.batch_size, total)
+            index = slice(start, stop) if order is None else order[start:stop]
+            inputs, targets = self.data.take(index)
+            yield _to_device(Batch(inputs, targets, stop - start), self.device)
+
+    def sample(self, count: int) -> Batch:
+        inputs, targets = self.data.take(slice(0, min(count, len(self.data))))
+        return _to_device(Batch(inputs, targets, min(count, len(self.data))), self.device)
+
+
+class DatasetBatches:
+    """A map-style Dataset, read through a DataLoader whose order comes from ``epoch_order``."""
+
+    def __init__(
+        self,
+        dataset: Dataset[Any],
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        device: torch.device,
+        num_workers: int = 0,
+    ) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.device = device
+        self.num_workers = num_workers
+        self.num_samples: int | None = len(dataset)  # type: ignore[arg-type]
+        self.num_batches: int | None = -(-len(dataset) // batch_size)  # type: ignore[arg-type]
+
+    def _loader(self, indices: Sequence[int]) -> DataLoader[Any]:
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=indices,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def for_epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        total = len(self.dataset)  # type: ignore[arg-type]
+        order = epoch_order(total, self.seed, epoch).tolist() if self.shuffle else list(range(total))
+        for raw in self._loader(order[skip * self.batch_size :]):
+            yield _to_device(split_batch(raw), self.device)
+
+    def sample(self, count: int) -> Batch:
+        indices = list(range(min(count, len(self.dataset))))  # type: ignore[arg-type]
+        return _to_device(split_batch(next(iter(self._loader(indices)))), self.device)
+
+
+class LoaderBatches:
+    """A user's DataLoader or re-iterable collection of batches, used as given."""
+
+    def __init__(self, iterable: Iterable[Any], *, device: torch.device) -> None:
+        self.iterable = iterable
+        self.device = device
+        self.num_batches: int | None = _optional_len(iterable)
+        dataset = getattr(iterable, "dataset", None)
+        self.num_samples: int | None = _optional_len(dataset) if dataset is not None else None
+
+    def for_epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        set_epoch = getattr(getattr(self.iterable, "sampler", None), "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
+        for position, raw in enumerate(self.iterable):
+            if position >= skip:
+                yield _to_device(split_batch(raw), self.device)
+
+    def sample(self, count: int) -> Batch:
+        for raw in self.iterable:
+            return _to_device(split_batch(raw), self.device)
+        raise data_error("The data yielded no batches.", describe(self.iterable), "pass data with at least one sample.")
+
+
+def split_batch(raw: Any) -> Batch:
+    """Read one batch as yielded by a DataLoader or iterable: ``(inputs, targets)``, ``(inputs,)``
+    or bare inputs (a tensor or dict).
+
+    Raises:
+        DataError: A batch of another shape.
+    """
+    if isinstance(raw, (tuple, list)):
+        if len(raw) == 2:
+            return Batch(raw[0], _as_tensor(raw[1], "targets"), _length(raw[0]))
+        if len(raw) == 1:
+            return Batch(raw[0], None, _length(raw[0]))
+        raise data_error(
+            "Each batch must be (inputs, targets) or (inputs,).",
+            f"a batch of {len(raw)} elements: {describe(raw)}",
+            "yield (inputs, targets); put several model inputs in a tuple or dict: ((x1, x2), y).",
+        )
+    if isinstance(raw, (torch.Tensor, Mapping)):
+        return Batch(raw, None, _length(raw))
+    raise data_error(
+        "Each batch must be (inputs, targets) or (inputs,).", describe(raw), "yield (inputs, targets) tuples."
+    )
+
+
+def to_batches(
+    data: Any, *, batch_size: int, shuffle: bool, seed: int, device: torch.device, dtype: torch.dtype
+) -> Batches:
+    """Dispatch any accepted kind of data to its ``Batches``.
+
+    Args:
+        data: See ``ACCEPTED``. A tuple ``(inputs, targets)`` or ``(inputs,)`` of tensors/arrays
+            is in-memory data; a bare tensor, array or dict is inputs without targets.
+        batch_size: Samples per batch (ignored for DataLoaders and iterables of batches).
+        shuffle: Shuffle in-memory data and Datasets every epoch.
+        seed: Seeds the shuffled order, together with the epoch.
+        device: Where batches are delivered.
+        dtype: Floating-point arrays and tensors in memory are cast to this (the model's dtype).
+
+    Raises:
+        ConfigError: An unsupported kind of data, with the accepted kinds.
+        DataError: Mismatched lengths, empty data, unsupported arrays.
+    """
+    in_memory = as_in_memory(data, dtype)
+    if in_memory is not None:
+        if len(in_memory) == 0:
+            raise data_error("The data is empty.", describe(data), "pass at least one sample.")
+        return TensorBatches(in_memory, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device)
+    if isinstance(data, DataLoader):
+        if _optional_len(data.dataset) == 0:
+            raise data_error("The DataLoader's dataset is empty.", describe(data.dataset), "pass at least one sample.")
+        return LoaderBatches(data, device=device)
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        if len(data) == 0:
+            raise data_error("The dataset is empty.", describe(data), "pass at least one sample.")
+        return DatasetBatches(data, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device)
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
+        if iter(data) is data:
+            raise config_error(
+                "The data is a one-shot iterator (such as a generator): it would be empty after one pass.",
+                describe(data),
+                "pass a list of batches, a Dataset or a DataLoader, which can be read every epoch.",
+            )
+        return LoaderBatches(data, device=device)
+    raise config_error("Unsupported kind of data.", describe(data), f"pass {ACCEPTED}.")
+
+
+def as_in_memory(data: Any, dtype: torch.dtype) -> InMemory | None:
+    """Recognise in-memory data, converting arrays; None when ``data`` is another kind."""
+    if isinstance(data, TensorDataset):
+        tensors = data.tensors
+        if len(tensors) not in (1, 2):
+            raise data_error(
+                "A TensorDataset must hold (inputs,) or (inputs, targets).",
+                f"{len(tensors)} tensors",
+                "build it as TensorDataset(x, y).",
+            )
+        return _in_memory(tensors[0], tensors[1] if len(tensors) == 2 else None, dtype)
+    if _is_array(data) or (isinstance(data, Mapping) and _is_array_structure(data)):
+        return _in_memory(data, None, dtype)
+    if isinstance(data, tuple) and len(data) == 1 and _is_array_structure(data[0]):
+        return _in_memory(data[0], None, dtype)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and _is_array_structure(data[0]) and _is_array(data[1]):
+        return _in_memory(data[0], data[1], dtype)
+    return None
+
+
+def _in_memory(inputs: Any, targets: Any, dtype: torch.dtype) -> InMemory:
+    inputs = _map_tensors(inputs, lambda part: _convert(part, "inputs", dtype))
+    converted = None if targets is None else _convert(targets, "targets", dtype)
+    lengths = {_length(part) for part in _leaves(inputs)}
+    if converted is not None:
+        lengths.add(_length(converted))
+    if len(lengths) > 1:
+        raise data_error(
+            "Inputs and targets must have the same number of samples (first dimension).",
+            f"inputs {describe(inputs)}; targets {describe(converted)}",
+            "pass one target per sample; check the data was not sliced differently.",
+        )
+    return InMemory(inputs, converted)
+
+
+def _convert(value: Any, role: str, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        if value.dtype == object or not (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
+            raise data_error(
+                f"The {role} array must be numeric.",
+                f"numpy array of dtype {value.dtype}",
+                "convert it to numbers, e.g. np.asarray(values, dtype=np.float32), or encode labels as integers.",
+            )
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    tensor = _as_tensor(value, role)
+    if tensor.dim() == 0:
+        raise data_error(f"The {role} must have a sample dimension.", describe(tensor), "pass one row per sample.")
+    return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
+
+
+def _as_tensor(value: Any, role: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    raise data_error(
+        f"The {role} must be a tensor or numpy array.",
+        describe(value),
+        f"convert the {role} with torch.as_tensor(...).",
+    )
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (torch.Tensor, np.ndarray))
+
+
+def _is_array_structure(value: Any) -> bool:
+    """A tensor/array, or a dict or tuple of them (several model inputs)."""
+    if _is_array(value):
+        return True
+    if isinstance(value, Mapping):
+        return bool(value) and all(_is_array(part) for part in value.values())
+    return isinstance(value, tuple) and bool(value) and all(_is_array(part) for part in value)
+
+
+def _leaves(structure: Any) -> list[torch.Tensor]:
+    if isinstance(structure, torch.Tensor):
+        return [structure]
+    if isinstance(structure, Mapping):
+        return list(structure.values())
+    return list(structure)
+
+
+def _map_tensors(structure: Any, fn: Any) -> Any:
+    if isinstance(structure, Mapping):
+        return {key: fn(value) for key, value in structure.items()}
+    if isinstance(structure, (tuple, list)):
+        return tuple(fn(value) for value in structure)
+    return fn(structure)
+
+
+def _length(structure: Any) -> int:
+    leaves = (
+        [structure]
+        if _is_array(structure)
+        else _leaves(structure)
+        if isinstance(structure, (Mapping, tuple, list))
+        else []
+    )
+    if not leaves or not all(_is_array(leaf) for leaf in leaves):
+        raise data_error(
+            "Model inputs must be a tensor, or a tuple or dict of tensors.",
+            describe(structure),
+            "convert the inputs with torch.as_tensor(...).",
+        )
+    return int(leaves[0].shape[0])
+
+
+def _optional_len(value: Any) -> int | None:
+    try:
+        return len(value)
+    except TypeError:
+        return None
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device, non_blocking=True)
+
+    targets = None if batch.targets is None else move(batch.targets)
+    return Batch(_map_tensors(batch.inputs, move), targets, batch.size)
+
+
+def split_validation(data: Any, fraction: float, seed: int, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Hold out ``fraction`` of ``data`` (a random subset, reproducible from ``seed``).
+
+    Returns:
+        (train, val), each in a form ``to_batches`` accepts.
+
+    Raises:
+        ConfigError: Data that cannot be split (a DataLoader or iterable of batches).
+    """
+    in_memory = as_in_memory(data, dtype)
+    total = len(in_memory) if in_memory is not None else _optional_len(data) if isinstance(data, Dataset) else None
+    if total is None:
+        raise config_error(
+            "val_split needs in-memory data or a Dataset; a DataLoader or iterable of batches cannot be split.",
+            describe(data),
+            "pass validation data with val=..., or pass a Dataset instead of a DataLoader.",
+        )
+    held_out = round(total * fraction)
+    if held_out == 0 or held_out == total:
+        raise data_error(
+            "val_split leaves no samples on one side.",
+            f"val_split={fraction} of {total} samples = {held_out} validation samples",
+            "use a val_split that holds out at least one sample and keeps at least one for training.",
+        )
+    order = epoch_order(total, seed, -1)
+    val_index, train_index = order[:held_out].sort().values, order[held_out:].sort().values
+    if in_memory is not None:
+        return tuple_of(in_memory, train_index), tuple_of(in_memory, val_index)
+    return Subset(data, train_index.tolist()), Subset(data, val_index.tolist())
+
+
+def tuple_of(data: InMemory, index: torch.Tensor) -> tuple[Any, ...]:
+    """Rows ``index`` of in-memory data, as the ``(inputs, targets)`` tuple ``to_batches`` takes."""
+    inputs, targets = data.take(index)
+    return (inputs,) if targets is None else (inputs, targets)

@@ -1,0 +1,86 @@
+"""``History``: the per-epoch values of one ``fit``, as lists keyed by log name.
+
+Owns: storing epoch logs and exporting them (dict, CSV). Must not compute or print values.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+
+class History(Mapping[str, list[float]]):
+    """Per-epoch logs: ``history["loss"]`` is one float per completed epoch.
+
+    Keys are ``loss``, each metric, and ``val_loss`` / ``val_<metric>`` with validation data.
+
+    Example:
+        >>> history = History()
+        >>> history.append({"loss": 0.5, "accuracy": 0.8})
+        >>> history.append({"loss": 0.25, "accuracy": 0.9})
+        >>> history["loss"], history.epochs
+        ([0.5, 0.25], 2)
+    """
+
+    def __init__(self, logs: Mapping[str, list[float]] | None = None) -> None:
+        self._logs: dict[str, list[float]] = {key: list(values) for key, values in (logs or {}).items()}
+
+    def append(self, logs: Mapping[str, float]) -> None:
+        """Record one epoch. A key first seen now is padded with NaN for earlier epochs."""
+        epochs = self.epochs
+        for key, value in logs.items():
+            self._logs.setdefault(key, [math.nan] * epochs).append(float(value))
+        for key, values in self._logs.items():
+            if key not in logs:
+                values.append(math.nan)
+
+    @property
+    def epochs(self) -> int:
+        """Number of completed epochs recorded."""
+        return max((len(values) for values in self._logs.values()), default=0)
+
+    def __getitem__(self, key: str) -> list[float]:
+        try:
+            return self._logs[key]
+        except KeyError:
+            known = ", ".join(self._logs) or "none yet"
+            raise KeyError(f"{key!r} is not in the history; recorded keys: {known}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._logs)
+
+    def __len__(self) -> int:
+        return len(self._logs)
+
+    def __repr__(self) -> str:
+        last = {key: round(values[-1], 4) for key, values in self._logs.items() if values}
+        return f"History(epochs={self.epochs}, last={last})"
+
+    def to_dict(self) -> dict[str, list[float]]:
+        """A plain, JSON-serialisable copy."""
+        return {key: list(values) for key, values in self._logs.items()}
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write one row per epoch (1-based ``epoch`` column first). Returns the path."""
+        path = Path(path)
+        with path.open("w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["epoch", *self._logs])
+            for epoch in range(self.epochs):
+                writer.writerow([epoch + 1, *(_cell(values, epoch) for values in self._logs.values())])
+        return path
+
+    def state_dict(self) -> dict[str, Any]:
+        """The logs, for checkpoints."""
+        return {"logs": self.to_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore logs saved by ``state_dict``."""
+        self._logs = {key: list(values) for key, values in state["logs"].items()}
+
+
+def _cell(values: list[float], epoch: int) -> str:
+    return repr(values[epoch]) if epoch < len(values) else ""

@@ -1,0 +1,198 @@
+"""Loss registry and each loss's contract with the model's outputs and the targets.
+
+Owns: LOSSES, resolving a name or callable to a ``LossSpec``, and checking one batch of
+outputs/targets against the loss before training. Must not run models or iterate data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from trainwell.errors import config_error, data_error, describe, unknown_name_error
+
+LossFn = Callable[..., torch.Tensor]
+OutputKind = Literal["logits", "probabilities", "log_probabilities", "values", "unknown"]
+TargetKind = Literal["classes", "same_shape", "unknown"]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A resolved loss: the callable plus what it expects, so checks and metrics can adapt.
+
+    Attributes:
+        name: Registry name, or the callable's name for a custom loss.
+        fn: ``fn(outputs, targets) -> scalar tensor``, the mean over the batch.
+        outputs: What the model's outputs must be (logits, probabilities, ...).
+        targets: ``"classes"`` (class indices or per-class probabilities), ``"same_shape"``
+            (targets shaped exactly like the outputs) or ``"unknown"`` for custom losses.
+    """
+
+    name: str
+    fn: LossFn
+    outputs: OutputKind
+    targets: TargetKind
+
+
+LOSSES: dict[str, LossSpec] = {
+    "mse": LossSpec("mse", functional.mse_loss, "values", "same_shape"),
+    "l1": LossSpec("l1", functional.l1_loss, "values", "same_shape"),
+    "huber": LossSpec("huber", functional.huber_loss, "values", "same_shape"),
+    "cross_entropy": LossSpec("cross_entropy", functional.cross_entropy, "logits", "classes"),
+    "nll": LossSpec("nll", functional.nll_loss, "log_probabilities", "classes"),
+    "bce": LossSpec("bce", functional.binary_cross_entropy, "probabilities", "same_shape"),
+    "bce_with_logits": LossSpec("bce_with_logits", functional.binary_cross_entropy_with_logits, "logits", "same_shape"),
+}
+
+# torch's loss modules map onto the registry so that an ``nn.MSELoss()`` gets the same checks.
+_MODULE_NAMES: dict[type[nn.Module], str] = {
+    nn.MSELoss: "mse",
+    nn.L1Loss: "l1",
+    nn.HuberLoss: "huber",
+    nn.CrossEntropyLoss: "cross_entropy",
+    nn.NLLLoss: "nll",
+    nn.BCELoss: "bce",
+    nn.BCEWithLogitsLoss: "bce_with_logits",
+}
+
+
+def resolve_loss(loss: str | LossFn) -> LossSpec:
+    """Turn a loss name or callable into a ``LossSpec``.
+
+    Args:
+        loss: A name from ``LOSSES`` or any ``callable(outputs, targets) -> scalar tensor``.
+
+    Returns:
+        The spec; torch loss modules keep their own settings but get the registry's contract.
+
+    Raises:
+        ConfigError: Unknown name, or something that is not callable.
+
+    Example:
+        >>> resolve_loss("cross_entropy").outputs
+        'logits'
+    """
+    if isinstance(loss, str):
+        if loss not in LOSSES:
+            raise unknown_name_error("loss", loss, LOSSES)
+        return LOSSES[loss]
+    if not callable(loss):
+        raise config_error(
+            "loss must be a name or a callable(outputs, targets) -> scalar tensor.",
+            f"loss={describe(loss)}",
+            f"pass one of {', '.join(sorted(LOSSES))}, or e.g. torch.nn.MSELoss().",
+        )
+    known = _MODULE_NAMES.get(type(loss)) if isinstance(loss, nn.Module) else None
+    if known is not None:
+        base = LOSSES[known]
+        return LossSpec(base.name, loss, base.outputs, base.targets)
+    name = getattr(loss, "__name__", type(loss).__name__)
+    return LossSpec(name, loss, "unknown", "unknown")
+
+
+def binary_threshold(spec: LossSpec) -> float:
+    """Where binary accuracy splits single-column outputs: 0 for logits, 0.5 otherwise."""
+    return 0.0 if spec.outputs == "logits" else 0.5
+
+
+def check_loss_inputs(
+    spec: LossSpec, outputs: object, targets: torch.Tensor, *, all_targets: torch.Tensor | None = None
+) -> None:
+    """Check one batch of model outputs and targets against the loss's contract.
+
+    Catches what torch would reject with a cryptic message, and what it would silently
+    broadcast (MSE of (N, 1) against (N,) gives an (N, N) loss).
+
+    Args:
+        spec: The resolved loss.
+        outputs: The model's outputs for a sample batch.
+        targets: The targets of the same samples.
+        all_targets: Every target of the data when it is in memory, so that the class-range
+            check covers all of them, not just the sample.
+
+    Raises:
+        DataError: The outputs and targets do not fit the loss, with the fix.
+    """
+    if spec.targets == "unknown" or not isinstance(outputs, torch.Tensor):
+        return
+    if spec.targets == "classes":
+        _check_class_targets(spec, outputs, targets, all_targets)
+    else:
+        _check_same_shape_targets(spec, outputs, targets)
+
+
+def _check_class_targets(
+    spec: LossSpec, outputs: torch.Tensor, targets: torch.Tensor, all_targets: torch.Tensor | None
+) -> None:
+    if outputs.dim() < 2:
+        raise data_error(
+            f"{spec.name} needs outputs of shape (N, C): one score per class.",
+            f"outputs {describe(outputs)}",
+            "end the model with nn.Linear(features, number_of_classes); for two classes with one "
+            "output column use loss='bce_with_logits'.",
+        )
+    classes = outputs.shape[1]
+    if targets.shape == outputs.shape[:1] + outputs.shape[2:]:
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise data_error(
+                f"{spec.name} needs integer class indices as targets.",
+                f"targets {describe(targets)}",
+                "convert them with y.long() (labels 0 .. C-1).",
+            )
+        labels = targets if all_targets is None else all_targets
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= classes:
+            scope = "in the first samples" if all_targets is None else "in the data"
+            cause = " Labels look 1-based: subtract 1." if low >= 1 and high == classes else ""
+            raise data_error(
+                f"Class labels must lie in [0, {classes - 1}] for a model with {classes} outputs.{cause}",
+                f"labels from {low} to {high} {scope}; outputs {describe(outputs)}",
+                f"make the labels 0 .. {classes - 1}, or give the model's last layer {high + 1} outputs.",
+            )
+        return
+    if targets.shape == outputs.shape:
+        if not targets.is_floating_point():
+            raise data_error(
+                f"{spec.name} with targets shaped like the outputs reads them as class probabilities (one-hot).",
+                f"targets {describe(targets)}, outputs {describe(outputs)}",
+                "convert one-hot targets with y.float(), or pass class indices of shape (N,).",
+            )
+        return
+    raise data_error(
+        f"{spec.name} targets must be class indices of shape (N,) or probabilities shaped like the outputs.",
+        f"outputs {describe(outputs)}, targets {describe(targets)}",
+        "pass targets of shape (N,) holding labels 0 .. C-1 (squeeze an (N, 1) column with y.squeeze(1)).",
+    )
+
+
+def _check_same_shape_targets(spec: LossSpec, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    if targets.shape != outputs.shape:
+        if outputs.dim() == 2 and outputs.shape[1] == 1 and targets.dim() == 1:
+            fix = "reshape the targets to a column: y.reshape(-1, 1) (or y.unsqueeze(1))."
+        elif targets.dim() == 2 and targets.shape[1] == 1 and outputs.dim() == 1:
+            fix = "flatten the targets: y.reshape(-1) (or give the model outputs of shape (N, 1))."
+        else:
+            fix = "make the model's output layer produce one value per target column."
+        raise data_error(
+            f"{spec.name} needs targets shaped exactly like the outputs; torch would broadcast "
+            "them and train on a wrong loss.",
+            f"outputs {describe(outputs)}, targets {describe(targets)}",
+            fix,
+        )
+    if not targets.is_floating_point():
+        raise data_error(
+            f"{spec.name} needs floating-point targets.",
+            f"targets {describe(targets)}",
+            "convert them with y.float().",
+        )
+    if spec.outputs == "probabilities" and outputs.numel() and (outputs.min() < 0 or outputs.max() > 1):
+        raise data_error(
+            "bce expects probabilities in [0, 1] from the model, but it outputs values outside that range.",
+            f"outputs from {float(outputs.min()):.4g} to {float(outputs.max()):.4g}",
+            "use loss='bce_with_logits' for raw scores, or end the model with nn.Sigmoid().",
+        )

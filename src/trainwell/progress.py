@@ -1,0 +1,170 @@
+"""The progress display: a live line (terminal), a widget (notebook) or one line per epoch (logs).
+
+Owns: everything ``fit`` prints. Reads the running sums at most ``REFRESH_SECONDS`` apart, so
+the display never forces a device synchronisation per step.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import IO, Any, Literal
+
+from trainwell.callbacks import Callback
+from trainwell.run import Run
+
+DisplayMode = Literal["live", "notebook", "lines"]
+REFRESH_SECONDS = 0.1
+LINE_EVERY_SECONDS = 30.0
+_BAR_FORMAT = "{desc}  {n_fmt}/{total_fmt} [{bar:30}]  {metrics}  {elapsed_s:.1f}s  ETA {remaining_s:.1f}s"
+
+
+def choose_mode(progress: bool | str, stream: IO[str]) -> DisplayMode | None:
+    """The display for ``progress`` (True / False / "auto") writing to ``stream``.
+
+    "auto" is the live line in a terminal, the widget in a notebook, and plain epoch lines
+    otherwise (log files, CI); True is the live line (or widget) even when the output is not
+    a terminal; False is nothing.
+    """
+    if progress is False:
+        return None
+    if _in_notebook():
+        return "notebook"
+    if progress is True or _is_terminal(stream):
+        return "live"
+    return "lines"
+
+
+def format_logs(logs: dict[str, float], fraction_keys: set[str]) -> str:
+    """``loss 0.2314  accuracy 93.41%``: fractions as percentages, the rest with 4 significant digits.
+
+    Example:
+        >>> format_logs({"loss": 0.23141, "accuracy": 0.93412}, {"accuracy"})
+        'loss 0.2314  accuracy 93.41%'
+    """
+    parts = []
+    for key, value in logs.items():
+        if key in fraction_keys and math.isfinite(value):
+            parts.append(f"{key} {value * 100:.2f}%")
+        else:
+            parts.append(f"{key} {value:.4g}" if abs(value) >= 1e4 or 0 < abs(value) < 1e-3 else f"{key} {value:.4f}")
+    return "  ".join(parts)
+
+
+class ProgressDisplay(Callback):
+    """Shows training as it goes; added last by ``fit`` unless ``progress=False``.
+
+    Args:
+        mode: ``"live"``, ``"notebook"`` or ``"lines"`` (see ``choose_mode``).
+        stream: Where to write (default: standard output at the time of writing).
+    """
+
+    def __init__(self, mode: DisplayMode, stream: IO[str] | None = None) -> None:
+        self.mode = mode
+        self.stream = stream
+        self.bar: Any = None
+        self.epoch_started = 0.0
+        self.last_refresh = 0.0
+        self.last_line = 0.0
+
+    def _out(self) -> IO[str]:
+        return self.stream if self.stream is not None else sys.stdout
+
+    def _fractions(self, run: Run) -> set[str]:
+        return run.train_tally.fraction_keys | run.val_tally.fraction_keys
+
+    def _title(self, run: Run) -> str:
+        return f"Epoch {run.epoch + 1}/{run.epochs}"
+
+    def on_epoch_start(self, run: Run) -> None:
+        self.epoch_started = self.last_refresh = self.last_line = time.perf_counter()
+        if self.mode == "lines":
+            return
+        assert run.train_batches is not None
+        self.bar = _bar_class(self.mode == "notebook")(
+            total=run.train_batches.num_batches,
+            initial=run.batches_done,
+            desc=self._title(run),
+            bar_format=_BAR_FORMAT,
+            ascii=".>=",
+            file=self._out(),
+            leave=False,
+            dynamic_ncols=True,
+            mininterval=REFRESH_SECONDS,
+        )
+
+    def on_train_batch_end(self, run: Run) -> None:
+        now = time.perf_counter()
+        if now - self.last_refresh < REFRESH_SECONDS:
+            return
+        self.last_refresh = now
+        if self.bar is not None:
+            self.bar.metrics = format_logs(run.running_logs(), self._fractions(run))
+            self.bar.update(run.batches_done - self.bar.n)
+        elif now - self.last_line >= LINE_EVERY_SECONDS:
+            self.last_line = now
+            total = run.train_batches.num_batches if run.train_batches is not None else None
+            position = f"{run.batches_done}/{total if total is not None else '?'}"
+            logs = format_logs(run.running_logs(), self._fractions(run))
+            self._print(f"{self._title(run)}  {position}  {logs}  {_seconds(now - self.epoch_started)}")
+
+    def on_eval_start(self, run: Run) -> None:
+        if self.bar is not None:
+            self.bar.metrics = "validating..."
+            self.bar.refresh()
+
+    def on_epoch_end(self, run: Run) -> None:
+        seconds = time.perf_counter() - self.epoch_started
+        self._close_bar()
+        samples = run.train_tally.samples
+        speed = f"{samples / seconds:,.0f} samples/s" if seconds > 0 else ""
+        logs = format_logs(run.logs, self._fractions(run))
+        self._print(f"{self._title(run)}  {_seconds(seconds)}  {speed}  {logs}")
+
+    def on_fit_end(self, run: Run) -> None:
+        self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _print(self, line: str) -> None:
+        out = self._out()
+        out.write(line + "\n")
+        out.flush()
+
+
+def _bar_class(notebook: bool) -> type[Any]:
+    """tqdm's bar (or notebook widget) with a ``{metrics}`` field, as tqdm's docs show for
+    extra format fields; tqdm is imported only when a bar is drawn."""
+    base: type[Any]
+    if notebook:
+        from tqdm.auto import tqdm as base
+    else:
+        from tqdm.std import tqdm as base
+
+    class EpochBar(base):  # type: ignore[misc]
+        metrics = ""
+
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            return {**super().format_dict, "metrics": self.metrics}
+
+    return EpochBar
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.2f}s" if seconds < 10 else f"{seconds:.0f}s"
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _in_notebook() -> bool:
+    shell = sys.modules.get("IPython")
+    get_ipython = getattr(shell, "get_ipython", None)
+    return get_ipython is not None and type(get_ipython()).__name__ == "ZMQInteractiveShell"
