@@ -91,7 +91,8 @@ class ProgressDisplay(Callback):
             file=self._out(),
             leave=False,
             dynamic_ncols=True,
-            mininterval=REFRESH_SECONDS,
+            mininterval=0,  # on_train_batch_end already limits refreshes to REFRESH_SECONDS
+            miniters=1,
         )
 
     def on_train_batch_end(self, run: Run) -> None:

@@ -1,0 +1,161 @@
+"""Misuse fails before any weight changes, with what / received / fix in the message."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import trainwell as tw
+from trainwell.errors import format_message
+
+from conftest import blobs, linear_regression, make_mlp
+
+
+def fails_before_training(model: nn.Module, error: type[Exception], *, match: str, **arguments: Any) -> str:
+    """Call fit, expect ``error``; assert no parameter changed. Returns the message."""
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    arguments.setdefault("progress", False)
+    with pytest.raises(error, match=match) as raised:
+        tw.fit(model, **arguments)
+    for old, new in zip(before, model.parameters(), strict=True):
+        assert torch.equal(old, new)
+    message = str(raised.value)
+    assert "received:" in message and "fix:" in message
+    return message
+
+
+def test_message_format_has_three_parts() -> None:
+    assert format_message("a", "b", "c") == "a\n  received: b\n  fix: c"
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "match"),
+    [
+        ("loss", "cross_entropi", "did you mean 'cross_entropy'"),
+        ("optimizer", "adamm", "did you mean 'adam'"),
+        ("metrics", ["acuracy"], "Unknown metric name 'acuracy'"),
+        ("epochs", 0, "epochs must be an integer >= 1"),
+        ("epochs", 2.5, "epochs must be an integer >= 1"),
+        ("batch_size", -1, "batch_size must be an integer >= 1"),
+        ("val_split", 1.0, r"val_split must be a fraction in \[0, 1\)"),
+        ("val_split", -0.1, r"val_split must be a fraction in \[0, 1\)"),
+        ("lr", float("nan"), "lr must be a finite number > 0"),
+        ("lr", 0, "lr must be a finite number > 0"),
+        ("progress", "yes", "Invalid progress"),
+        ("device", "gpu", "Unknown device"),
+        ("momentun", 0.9, "did you mean 'momentum'"),
+    ],
+)
+def test_bad_arguments_are_rejected_with_the_fix(argument: str, value: Any, match: str) -> None:
+    arguments = {"train": blobs(), "loss": "cross_entropy", argument: value}
+    message = fails_before_training(make_mlp(), tw.ConfigError, match=match, **arguments)
+    shown = value[0] if isinstance(value, list) else value
+    assert repr(shown) in message or str(shown) in message
+
+
+def test_unknown_names_list_the_known_ones() -> None:
+    message = fails_before_training(make_mlp(), tw.ConfigError, match="Unknown loss", train=blobs(), loss="hinge")
+    for name in ["mse", "l1", "huber", "cross_entropy", "bce", "bce_with_logits", "nll"]:
+        assert name in message
+    message = fails_before_training(make_mlp(), tw.ConfigError, match="Unknown optimizer", train=blobs(),
+                                    loss="mse", optimizer="lbfgs")  # fmt: skip
+    assert "adam, adamw, rmsprop, sgd" in message
+
+
+def test_mse_with_column_outputs_and_flat_targets_is_not_broadcast() -> None:
+    x, y = linear_regression()
+    message = fails_before_training(nn.Linear(3, 1), tw.DataError, match="shaped exactly like the outputs",
+                                    train=(x, y.reshape(-1)), loss="mse")  # fmt: skip
+    assert "(8, 1)" in message and "(8,)" in message
+    assert "y.reshape(-1, 1)" in message
+
+
+def test_class_labels_outside_the_models_outputs() -> None:
+    x, y = blobs(classes=3)
+    message = fails_before_training(make_mlp(outputs=3), tw.DataError, match=r"Class labels must lie in \[0, 2\]",
+                                    train=(x, y + 1), loss="cross_entropy")  # fmt: skip
+    assert "labels from 1 to 3" in message and "1-based" in message
+    y = y.clone()
+    y[-1] = 7  # only the last sample is wrong: the whole in-memory target set is checked
+    fails_before_training(make_mlp(outputs=3), tw.DataError, match="labels from 0 to 7 in the data",
+                          train=(x, y), loss="cross_entropy")  # fmt: skip
+
+
+def test_float_class_labels_and_flat_outputs_for_cross_entropy() -> None:
+    x, y = blobs()
+    fails_before_training(make_mlp(), tw.DataError, match="integer class indices", train=(x, y.float()),
+                          loss="cross_entropy")  # fmt: skip
+    fails_before_training(nn.Sequential(nn.Linear(4, 1), nn.Flatten(0)), tw.DataError, match=r"outputs of shape \(N, C\)",
+                          train=(x, y), loss="cross_entropy")  # fmt: skip
+
+
+def test_bce_with_outputs_that_are_not_probabilities() -> None:
+    x, y = blobs(classes=2)
+    fails_before_training(make_mlp(outputs=1), tw.DataError, match="bce_with_logits",
+                          train=(x, y.float().unsqueeze(1)), loss="bce")  # fmt: skip
+
+
+def test_data_without_targets_is_rejected_by_fit() -> None:
+    x, _ = blobs()
+    for data in [x, (x,), x.numpy(), {"input": x}]:
+        fails_before_training(make_mlp(), tw.DataError, match="has no targets", train=data, loss="cross_entropy")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)),
+        torch.utils.data.TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)),
+    ],
+)
+def test_empty_data_is_rejected(data: Any) -> None:
+    fails_before_training(make_mlp(), tw.DataError, match="empty", train=data, loss="cross_entropy")
+
+
+def test_mismatched_lengths_and_one_shot_iterators() -> None:
+    x, y = blobs()
+    fails_before_training(make_mlp(), tw.DataError, match="same number of samples", train=(x, y[:-1]),
+                          loss="cross_entropy")  # fmt: skip
+    batches = ((x[i : i + 10], y[i : i + 10]) for i in range(0, 300, 10))
+    fails_before_training(make_mlp(), tw.ConfigError, match="one-shot iterator", train=batches, loss="cross_entropy")
+
+
+def test_wrong_feature_count_names_the_shapes() -> None:
+    x, y = blobs(features=5)
+    message = fails_before_training(make_mlp(inputs=4), tw.DataError, match="model failed on a sample",
+                                    train=(x, y), loss="cross_entropy")  # fmt: skip
+    assert "(8, 5)" in message
+
+
+def test_optimizer_over_another_models_parameters() -> None:
+    other = torch.optim.SGD(make_mlp().parameters(), lr=0.1)
+    fails_before_training(make_mlp(), tw.ConfigError, match="holds none of the model's", train=blobs(),
+                          loss="cross_entropy", optimizer=other)  # fmt: skip
+
+
+def test_lr_with_an_optimizer_instance_is_not_silently_ignored() -> None:
+    model = make_mlp()
+    fails_before_training(model, tw.ConfigError, match="used as given", train=blobs(), loss="cross_entropy",
+                          optimizer=torch.optim.SGD(model.parameters(), lr=0.1), lr=0.5)  # fmt: skip
+
+
+def test_a_loss_that_does_not_reduce_to_a_scalar() -> None:
+    x, y = linear_regression()
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda outputs, targets: (outputs - targets) ** 2  # noqa: E731
+    fails_before_training(nn.Linear(3, 1), tw.DataError, match="must return a scalar", train=(x, y), loss=loss)
+
+
+def test_evaluate_and_predict_check_their_arguments_too(mlp: nn.Module) -> None:
+    x, y = blobs()
+    with pytest.raises(tw.ConfigError, match="needs a loss or metrics"):
+        tw.evaluate(mlp, (x, y))
+    with pytest.raises(tw.DataError, match="has no targets"):
+        tw.evaluate(mlp, x, metrics=["accuracy"])
+    with pytest.raises(tw.ConfigError, match=r"model must be a torch\.nn\.Module"):
+        tw.predict(nn.Linear, x)  # type: ignore[arg-type]
+    with pytest.raises(tw.ConfigError, match="Unsupported kind of data"):
+        tw.predict(mlp, "data.csv")

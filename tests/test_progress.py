@@ -1,0 +1,101 @@
+"""What users see: a live line in a terminal, one line per epoch in logs, nothing when asked."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+
+import trainwell as tw
+from trainwell import progress
+from trainwell.progress import choose_mode, format_logs
+
+from conftest import blobs, make_mlp
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def train(epochs: int = 2, **arguments: object) -> tw.History:
+    return tw.fit(make_mlp(), blobs(samples=600), loss="cross_entropy", lr=0.1, batch_size=16, epochs=epochs,
+                  metrics=["accuracy"], val_split=0.2, seed=0, **arguments)  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_log_output_is_one_summary_line_per_epoch(capsys: pytest.CaptureFixture[str]) -> None:
+    history = train(epochs=3)
+    output = capsys.readouterr().out
+    assert "\r" not in output
+    lines = output.splitlines()
+    assert len(lines) == 3
+    pattern = (
+        r"Epoch (\d)/3  [\d.]+s  [\d,]+ samples/s  loss (\d\.\d{4})  accuracy (\d+\.\d\d)%"
+        r"  val_loss (\d\.\d{4})  val_accuracy (\d+\.\d\d)%"
+    )
+    for epoch, line in enumerate(lines):
+        match = re.fullmatch(pattern, line)
+        assert match, line
+        assert int(match.group(1)) == epoch + 1
+        assert float(match.group(2)) == pytest.approx(history["loss"][epoch], abs=5e-5)
+        assert float(match.group(3)) == pytest.approx(history["accuracy"][epoch] * 100, abs=5e-3)
+        assert float(match.group(5)) == pytest.approx(history["val_accuracy"][epoch] * 100, abs=5e-3)
+
+
+def test_terminal_output_redraws_a_live_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = FakeTerminal()
+    monkeypatch.setattr("sys.stdout", terminal)
+    monkeypatch.setattr(progress, "REFRESH_SECONDS", 0.0)
+    train(epochs=2)
+    output = terminal.getvalue()
+    assert "\r" in output
+    live = re.findall(
+        r"Epoch 1/2  (\d+)/30 \[[=>.]+\]  loss \d\.\d{4}  accuracy \d+\.\d\d%  [\d.]+s  ETA [\d.]+s", output
+    )
+    assert len(live) >= 10  # refreshed while the epoch ran
+    assert [int(position) for position in live] == sorted(int(position) for position in live)
+    summaries = [line for line in output.replace("\r", "\n").splitlines() if "samples/s" in line]
+    assert [line.split()[1] for line in summaries] == ["1/2", "2/2"]
+
+
+def test_refreshes_are_rate_limited(monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = FakeTerminal()
+    monkeypatch.setattr("sys.stdout", terminal)
+    monkeypatch.setattr(progress, "REFRESH_SECONDS", 3600.0)
+    reads: list[int] = []
+    original = tw.Run.running_logs
+    monkeypatch.setattr(tw.Run, "running_logs", lambda run: reads.append(1) or original(run))
+    train(epochs=1)
+    assert reads == []  # 30 steps, no refresh due: the sums were never read during the epoch
+
+
+def test_progress_false_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    train(progress=False)
+    assert capsys.readouterr().out == ""
+
+
+def test_long_epochs_in_logs_print_an_occasional_progress_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(progress, "REFRESH_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "LINE_EVERY_SECONDS", 0.0)
+    train(epochs=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 31  # one per batch (interval 0 here), then the summary
+    assert re.fullmatch(r"Epoch 1/1  5/30  loss \d\.\d{4}  accuracy \d+\.\d\d%  [\d.]+s", lines[4])
+
+
+def test_mode_choice() -> None:
+    assert choose_mode(False, FakeTerminal()) is None
+    assert choose_mode("auto", FakeTerminal()) == "live"
+    assert choose_mode("auto", io.StringIO()) == "lines"
+    assert choose_mode(True, io.StringIO()) == "live"
+
+
+def test_format_logs() -> None:
+    logs = {"loss": 0.5, "accuracy": 0.25, "mae": 12345.0, "val_accuracy": float("nan")}
+    assert (
+        format_logs(logs, {"accuracy", "val_accuracy"})
+        == "loss 0.5000  accuracy 25.00%  mae 1.234e+04  val_accuracy nan"
+    )
