@@ -10,11 +10,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.demo-installed: $(BIN)/python pyproject.toml constraints.txt
-	$(PIP) -e ".[demo]"
+	$(PIP) -e ".[cli]"
 	touch $@
 
 $(VENV)/.dev-installed: $(BIN)/python pyproject.toml constraints.txt
-	$(PIP) -e ".[demo,dev]"
+	$(PIP) -e ".[cli,dev]"
 	touch $@
 
 demo: $(VENV)/.demo-installed

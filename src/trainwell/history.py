@@ -9,7 +9,12 @@ import csv
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from trainwell.plots import plot_history
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 class History(Mapping[str, list[float]]):
@@ -72,6 +77,19 @@ class History(Mapping[str, list[float]]):
             for epoch in range(self.epochs):
                 writer.writerow([epoch + 1, *(_cell(values, epoch) for values in self._logs.values())])
         return path
+
+    def plot(self, path: str | Path | None = None) -> Figure:
+        """Draw the curves: one panel per quantity, training and validation per epoch.
+
+        Needs matplotlib (``pip install 'trainwell[plot]'``); works without a display.
+
+        Args:
+            path: Where to save the picture (its suffix picks the format); not saved when None.
+
+        Returns:
+            The matplotlib Figure.
+        """
+        return plot_history(self._logs, path)
 
     def state_dict(self) -> dict[str, Any]:
         """The logs, for checkpoints."""

@@ -1,0 +1,133 @@
+"""Pictures: training curves and confusion matrices, drawn headless with matplotlib.
+
+Owns: every use of matplotlib, imported only when a picture is drawn (it is an optional
+extra). Builds ``Figure`` objects directly, never pyplot's global state, so it works with
+no display and in threads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from trainwell.errors import config_error, data_error, describe
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _new_figure(**options: Any) -> Figure:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise config_error(
+            "Plotting needs matplotlib, which is not installed.",
+            "import matplotlib failed",
+            "pip install 'trainwell[plot]' (or pip install matplotlib).",
+        ) from None
+    return Figure(**options)
+
+
+def plot_history(logs: Mapping[str, Sequence[float]], path: str | Path | None = None) -> Figure:
+    """Draw one panel per quantity (loss, each metric), training and validation per epoch.
+
+    Args:
+        logs: ``{"loss": [...], "val_loss": [...], "accuracy": [...], ...}``, e.g. a History.
+        path: Where to save the picture (PNG, SVG, PDF by suffix); not saved when None.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    names = [key for key in logs if not key.startswith("val_")]
+    names += [
+        key.removeprefix("val_") for key in logs if key.startswith("val_") and key.removeprefix("val_") not in logs
+    ]
+    if not names:
+        raise data_error("There is nothing to plot.", "an empty history", "train for at least one epoch first.")
+    columns = min(len(names), 3)
+    rows = math.ceil(len(names) / columns)
+    figure = _new_figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for axis, name in zip(axes, names, strict=False):
+        for key, label, style in ((name, "train", "-o"), (f"val_{name}", "validation", "-s")):
+            values = logs.get(key)
+            if values:
+                axis.plot(range(1, len(values) + 1), values, style, markersize=3, label=label)
+        axis.set_title(name)
+        axis.set_xlabel("epoch")
+        axis.xaxis.get_major_locator().set_params(integer=True)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    for axis in axes[len(names) :]:
+        axis.set_visible(False)
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    return figure
+
+
+def plot_confusion_matrix(
+    targets: Sequence[int] | torch.Tensor,
+    predictions: Sequence[int] | torch.Tensor,
+    class_names: Sequence[str] | None = None,
+    path: str | Path | None = None,
+) -> Figure:
+    """Draw the confusion matrix: rows are true classes, columns predicted ones, with counts.
+
+    Args:
+        targets: True class indices.
+        predictions: Predicted class indices (e.g. ``outputs.argmax(1)``).
+        class_names: Label of each class index (defaults to the indices).
+        path: Where to save the picture; not saved when None.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    matrix = confusion_matrix(targets, predictions, len(class_names) if class_names else None)
+    classes = matrix.shape[0]
+    names = list(class_names) if class_names else [str(index) for index in range(classes)]
+    size = min(3 + 0.45 * classes, 14)
+    figure = _new_figure(figsize=(size + 1, size), layout="constrained")
+    axis = figure.subplots()
+    image = axis.imshow(matrix.numpy(), cmap="Blues")
+    figure.colorbar(image, ax=axis, shrink=0.8)
+    axis.set_xticks(range(classes), names, rotation=45 if max(map(len, names)) > 3 else 0, ha="right")
+    axis.set_yticks(range(classes), names)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    accuracy = matrix.diagonal().sum().item() / max(matrix.sum().item(), 1)
+    axis.set_title(f"Confusion matrix (accuracy {accuracy:.1%})")
+    if classes <= 30:
+        threshold = matrix.max().item() / 2
+        for row in range(classes):
+            for column in range(classes):
+                count = int(matrix[row, column])
+                color = "white" if count > threshold else "black"
+                axis.text(column, row, str(count), ha="center", va="center", color=color, fontsize=8)
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    return figure
+
+
+def confusion_matrix(
+    targets: Sequence[int] | torch.Tensor, predictions: Sequence[int] | torch.Tensor, classes: int | None = None
+) -> torch.Tensor:
+    """Counts of (true, predicted) class pairs as a (C, C) int64 tensor.
+
+    Example:
+        >>> confusion_matrix([0, 1, 1], [0, 1, 0]).tolist()
+        [[1, 0], [1, 1]]
+    """
+    true = torch.as_tensor(targets).reshape(-1).long()
+    predicted = torch.as_tensor(predictions).reshape(-1).long()
+    if true.shape != predicted.shape:
+        raise data_error(
+            "targets and predictions must have the same length.",
+            f"targets {describe(true)}, predictions {describe(predicted)}",
+            "pass one prediction per target.",
+        )
+    classes = classes or int(max(true.max().item(), predicted.max().item())) + 1
+    return torch.bincount(true * classes + predicted, minlength=classes * classes).reshape(classes, classes)
