@@ -242,6 +242,7 @@ def run_train(args: argparse.Namespace) -> int:
     torch.manual_seed(seed)
     model = build_model(spec)
     temporary = folder.with_name(f".{folder.name}.partial")
+    created = [parent for parent in reversed(temporary.parents) if not parent.exists()]
     temporary.mkdir(parents=True)
     try:
         started = time.perf_counter()
@@ -266,6 +267,8 @@ def run_train(args: argparse.Namespace) -> int:
         temporary.rename(folder)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
+        for parent in reversed(created):
+            parent.rmdir()  # folders this run created for itself (e.g. runs/), left empty
         raise
     print(f"\nRun folder: {folder}")
     return 0
