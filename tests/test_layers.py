@@ -70,7 +70,7 @@ def test_no_grab_bag_modules() -> None:
 def test_public_names() -> None:
     assert set(trainwell.__all__) == {
         "Callback", "ConfigError", "DataError", "History", "Run", "TrainwellError", "__version__",
-        "evaluate", "fit", "predict", "train_step",
+        "evaluate", "fit", "plot_confusion_matrix", "predict", "train_step",
     }  # fmt: skip
     for name in trainwell.__all__:
         assert hasattr(trainwell, name)

@@ -11,6 +11,7 @@ from trainwell.callbacks import Callback
 from trainwell.errors import ConfigError, DataError, TrainwellError
 from trainwell.history import History
 from trainwell.loop import train_step
+from trainwell.plots import plot_confusion_matrix
 from trainwell.run import Run
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "__version__",
     "evaluate",
     "fit",
+    "plot_confusion_matrix",
     "predict",
     "train_step",
 ]

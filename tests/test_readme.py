@@ -1,0 +1,41 @@
+"""The README's promises: the quick start runs as written, and the set-up commands are there."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def test_quick_start_runs_as_written(tmp_path: Path) -> None:
+    text = README.read_text()
+    quick_start = re.search(r"## Quick start\n\n```python\n(.*?)```", text, re.DOTALL)
+    assert quick_start is not None
+    code = quick_start.group(1) + "assert history.epochs == 10 and len(predictions) == 297\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    accuracy = float(re.search(r"'accuracy': ([\d.]+)", result.stdout).group(1))  # type: ignore[union-attr]
+    assert accuracy > 0.9
+    assert result.stdout.count("samples/s") == 10  # one summary line per epoch in a non-terminal
+
+
+def test_import_does_not_pull_in_heavy_optional_modules() -> None:
+    code = (
+        "import sys, torch; before = set(sys.modules); import trainwell; "
+        "print(sorted({m.split('.')[0] for m in set(sys.modules) - before}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    added = set(ast.literal_eval(result.stdout))
+    assert "trainwell" in added
+    assert not added & {"matplotlib", "sklearn", "torchmetrics", "IPython", "ipywidgets", "PIL"}
+
+
+def test_readme_names_the_two_set_up_commands() -> None:
+    text = README.read_text()
+    assert "make demo" in text and "make test" in text
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "make test" in ci
