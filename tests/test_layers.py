@@ -9,7 +9,7 @@ import trainwell
 
 SOURCE = Path(trainwell.__file__).parent
 LAYERS = [
-    {"__init__", "__main__", "cli", "datasets"},
+    {"__init__", "__main__", "cli", "datasets", "lr_finder", "summary"},
     {"api"},
     {"loop"},
     {"progress", "checkpoint", "callbacks"},
@@ -69,8 +69,10 @@ def test_no_grab_bag_modules() -> None:
 
 def test_public_names() -> None:
     assert set(trainwell.__all__) == {
-        "Callback", "ConfigError", "DataError", "History", "Run", "TrainwellError", "__version__",
-        "evaluate", "fit", "plot_confusion_matrix", "predict", "train_step",
+        "CSVLogger", "Callback", "ConfigError", "DataError", "EarlyStopping", "History", "LRFinderResult",
+        "LRScheduler", "LambdaCallback", "ModelCheckpoint", "ModelSummary", "Run", "TensorBoard", "TerminateOnNaN",
+        "TrainwellError", "__version__", "compute_loss", "evaluate", "find_lr", "fit", "load_weights",
+        "optimizer_step", "plot_confusion_matrix", "predict", "save_weights", "summary", "train_step",
     }  # fmt: skip
     for name in trainwell.__all__:
         assert hasattr(trainwell, name)

@@ -3,29 +3,55 @@
 Example:
     >>> import trainwell
     >>> sorted(trainwell.__all__)[:3]
-    ['Callback', 'ConfigError', 'DataError']
+    ['CSVLogger', 'Callback', 'ConfigError']
 """
 
 from trainwell.api import evaluate, fit, predict
-from trainwell.callbacks import Callback
+from trainwell.callbacks import (
+    Callback,
+    CSVLogger,
+    EarlyStopping,
+    LambdaCallback,
+    LRScheduler,
+    TensorBoard,
+    TerminateOnNaN,
+)
+from trainwell.checkpoint import ModelCheckpoint, load_weights, save_weights
 from trainwell.errors import ConfigError, DataError, TrainwellError
 from trainwell.history import History
-from trainwell.loop import train_step
+from trainwell.loop import compute_loss, optimizer_step, train_step
+from trainwell.lr_finder import LRFinderResult, find_lr
 from trainwell.plots import plot_confusion_matrix
 from trainwell.run import Run
+from trainwell.summary import ModelSummary, summary
 
 __version__ = "0.1.0"
 __all__ = [
+    "CSVLogger",
     "Callback",
     "ConfigError",
     "DataError",
+    "EarlyStopping",
     "History",
+    "LRFinderResult",
+    "LRScheduler",
+    "LambdaCallback",
+    "ModelCheckpoint",
+    "ModelSummary",
     "Run",
+    "TensorBoard",
+    "TerminateOnNaN",
     "TrainwellError",
     "__version__",
+    "compute_loss",
     "evaluate",
+    "find_lr",
     "fit",
+    "load_weights",
+    "optimizer_step",
     "plot_confusion_matrix",
     "predict",
+    "save_weights",
+    "summary",
     "train_step",
 ]

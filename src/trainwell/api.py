@@ -8,23 +8,31 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
 
 from trainwell import loop
-from trainwell.callbacks import Callback, CallbackList
-from trainwell.data import Batches, TensorBatches, split_validation, to_batches
+from trainwell.callbacks import SCHEDULERS, Callback, CallbackList, LRScheduler, TerminateOnNaN, build_scheduler
+from trainwell.data import Batches, TensorBatches, call_model, split_validation, to_batches
 from trainwell.errors import DataError, config_error, data_error, describe
 from trainwell.history import History
-from trainwell.losses import LossFn, LossSpec, binary_threshold, check_loss_inputs, resolve_loss
+from trainwell.losses import (
+    LossFn,
+    LossSpec,
+    binary_threshold,
+    check_loss_inputs,
+    resolve_loss,
+    sample_weighted,
+    with_class_weight,
+)
 from trainwell.metrics import AccuracyMode, ExternalMetric, Metric, MetricFn, Tally, metric_name, resolve_metric
 from trainwell.optimizers import build_optimizer
-from trainwell.precision import build_precision
+from trainwell.precision import PrecisionName, build_precision
 from trainwell.progress import ProgressDisplay, choose_mode
-from trainwell.run import Run
+from trainwell.run import Run, StepFn
 
 MetricArg = str | MetricFn | Metric | ExternalMetric
 Progress = bool | Literal["auto"]
@@ -45,6 +53,15 @@ def fit(
     val: Any = None,
     val_split: float = 0.0,
     callbacks: Sequence[Callback] = (),
+    scheduler: str | LRScheduler | Any | None = None,
+    precision: PrecisionName = "fp32",
+    compile: bool = False,
+    grad_accum_steps: int = 1,
+    clip_grad_norm: float | None = None,
+    clip_grad_value: float | None = None,
+    class_weight: Mapping[int, float] | Sequence[float] | torch.Tensor | None = None,
+    terminate_on_nan: bool | Literal["auto"] = "auto",
+    step: StepFn | None = None,
     device: str | torch.device = "auto",
     progress: Progress = "auto",
     seed: int | None = None,
@@ -76,6 +93,22 @@ def fit(
         val_split: Fraction of ``train`` (in memory or a Dataset) held out for validation when
             ``val`` is None; a random subset, reproducible with ``seed``.
         callbacks: ``trainwell.Callback`` objects, called in order before the display.
+        scheduler: A learning-rate schedule: ``"step"``, ``"cosine"`` (with warm-up),
+            ``"onecycle"``, ``"reduce_on_plateau"``, a ``trainwell.LRScheduler``, or a torch
+            scheduler over ``optimizer`` (stepped per epoch). The lr of each epoch is logged as ``lr``.
+        precision: ``"fp32"``, ``"bf16"`` (autocast; works on the CPU) or ``"fp16"`` (autocast with
+            a grad scaler; CUDA).
+        compile: Train a ``torch.compile``d model; saved weights keep the plain module's keys.
+        grad_accum_steps: Batches per optimizer step; the update equals one batch of all their
+            samples (a partial last window is stepped at the end of the epoch).
+        clip_grad_norm: Clip the gradients' total norm to this before each step.
+        clip_grad_value: Clip each gradient element to ``[-value, value]`` before each step.
+        class_weight: Weight of each class for classification losses, as ``{class: weight}`` or
+            a sequence; computed exactly as torch's weighted losses. Per-sample weights come as a
+            third data element: ``(x, y, sample_weight)``.
+        terminate_on_nan: Stop before a non-finite loss changes the weights. ``"auto"`` checks on
+            the CPU, where it is free, not on GPUs, where it would read a value every step.
+        step: A custom training step ``step(run, batch)`` (see ``trainwell.train_step``).
         device: ``"auto"`` (cuda, else mps, else cpu), or any torch device or string.
         progress: ``"auto"`` (a live line in a terminal, a widget in a notebook, one line per
             epoch in logs), True (always the live line), or False (print nothing).
@@ -100,6 +133,101 @@ def fit(
         >>> history.epochs, sorted(history)
         (2, ['accuracy', 'loss'])
     """
+    _check_fit_arguments(
+        model,
+        epochs=epochs,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        progress=progress,
+        val=val,
+        val_split=val_split,
+        grad_accum_steps=grad_accum_steps,
+        compile=compile,
+        terminate_on_nan=terminate_on_nan,
+        clip_grad_norm=clip_grad_norm,
+        clip_grad_value=clip_grad_value,
+        step=step,
+    )
+    target = _resolve_device(device)
+    spec = resolve_loss(loss)
+    if class_weight is not None:
+        spec = with_class_weight(spec, _class_weight_tensor(class_weight).to(target))
+    train_metrics = _resolve_metrics(metrics, spec)
+    val_metrics = _resolve_metrics(metrics, spec)
+    mixed = build_precision(precision, target)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    else:
+        _check_count("seed", seed, minimum=0)
+        torch.manual_seed(seed)
+    dtype = _float_dtype(model)
+    if val_split:
+        train, val = split_validation(train, val_split, seed, dtype)
+    train_batches = to_batches(train, batch_size=batch_size, shuffle=shuffle, seed=seed, device=target, dtype=dtype)
+    val_batches = None
+    if val is not None:
+        val_batches = to_batches(val, batch_size=batch_size, shuffle=False, seed=seed, device=target, dtype=dtype)
+    model.to(target)
+    built_optimizer = build_optimizer(optimizer, model, lr, optimizer_options)
+    weighted = _check_data(model, spec, train_batches, role="training data", needs_targets=True, model_device=target)
+    if val_batches is not None:
+        weighted |= _check_data(
+            model, spec, val_batches, role="validation data", needs_targets=True, model_device=target
+        )
+
+    added: list[Callback] = []
+    if scheduler is not None:
+        steps = None if train_batches.num_batches is None else -(-train_batches.num_batches // grad_accum_steps)
+        added.append(_scheduler_callback(scheduler, epochs, steps, val_batches is not None))
+    if terminate_on_nan is True or (terminate_on_nan == "auto" and target.type == "cpu"):
+        added.append(TerminateOnNaN())
+    everything = [*callbacks, *added, *_display(progress)]
+    keys = Tally(train_metrics).keys + (Tally(val_metrics, prefix="val_").keys if val_batches is not None else [])
+    _check_monitors(everything, keys)
+    run = Run(
+        model=cast(nn.Module, torch.compile(model)) if compile else model,
+        module=model,
+        optimizer=built_optimizer,
+        loss_fn=spec.fn,
+        weighted_loss_fn=sample_weighted(spec) if weighted else None,
+        train_tally=Tally(train_metrics),
+        val_tally=Tally(val_metrics, prefix="val_"),
+        precision=mixed,
+        device=target,
+        callbacks=CallbackList(everything),
+        step=step or loop.train_step,
+        train_batches=train_batches,
+        val_batches=val_batches,
+        epochs=epochs,
+        seed=seed,
+        parameters=[parameter for parameter in model.parameters() if parameter.requires_grad],
+        grad_accum_steps=grad_accum_steps,
+        clip_grad_norm=clip_grad_norm,
+        clip_grad_value=clip_grad_value,
+    )
+    built_optimizer.zero_grad(set_to_none=True)
+    with _training_mode(model):
+        loop.fit_loop(run)
+    return run.history
+
+
+def _check_fit_arguments(
+    model: nn.Module,
+    *,
+    epochs: int,
+    batch_size: int,
+    shuffle: bool,
+    progress: Progress,
+    val: Any,
+    val_split: float,
+    grad_accum_steps: int,
+    compile: bool,
+    terminate_on_nan: bool | str,
+    clip_grad_norm: float | None,
+    clip_grad_value: float | None,
+    step: StepFn | None,
+) -> None:
+    """The checks of fit's plain arguments, before anything is built."""
     _check_model(model)
     _check_count("epochs", epochs)
     _check_count("batch_size", batch_size)
@@ -115,48 +243,62 @@ def fit(
             f"val={describe(val)}, val_split={val_split}",
             "drop val_split to use the given validation data.",
         )
-    spec = resolve_loss(loss)
-    train_metrics = _resolve_metrics(metrics, spec)
-    val_metrics = _resolve_metrics(metrics, spec)
-    target = _resolve_device(device)
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, ()).item())
-    else:
-        _check_count("seed", seed, minimum=0)
-        torch.manual_seed(seed)
-    dtype = _float_dtype(model)
-    if val_split:
-        train, val = split_validation(train, val_split, seed, dtype)
-    train_batches = to_batches(train, batch_size=batch_size, shuffle=shuffle, seed=seed, device=target, dtype=dtype)
-    val_batches = None
-    if val is not None:
-        val_batches = to_batches(val, batch_size=batch_size, shuffle=False, seed=seed, device=target, dtype=dtype)
-    model.to(target)
-    built_optimizer = build_optimizer(optimizer, model, lr, optimizer_options)
-    _check_data(model, spec, train_batches, role="training data", needs_targets=True, model_device=target)
-    if val_batches is not None:
-        _check_data(model, spec, val_batches, role="validation data", needs_targets=True, model_device=target)
+    _check_count("grad_accum_steps", grad_accum_steps)
+    _check_choice("compile", compile, (True, False))
+    _check_choice("terminate_on_nan", terminate_on_nan, (True, False, "auto"))
+    for name, clip in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+            raise config_error(f"{name} must be a number > 0.", f"{name}={clip!r}", f"pass e.g. {name}=1.0, or None.")
+    if step is not None and not callable(step):
+        raise config_error("step must be a function step(run, batch).", describe(step), "see trainwell.train_step.")
 
-    run = Run(
-        model=model,
-        module=model,
-        optimizer=built_optimizer,
-        loss_fn=spec.fn,
-        train_tally=Tally(train_metrics),
-        val_tally=Tally(val_metrics, prefix="val_"),
-        precision=build_precision("fp32", target),
-        device=target,
-        callbacks=CallbackList([*callbacks, *_display(progress)]),
-        step=loop.train_step,
-        train_batches=train_batches,
-        val_batches=val_batches,
-        epochs=epochs,
-        seed=seed,
+
+def _scheduler_callback(scheduler: Any, epochs: int, steps_per_epoch: int | None, has_val: bool) -> LRScheduler:
+    if isinstance(scheduler, str):
+        return build_scheduler(scheduler, epochs=epochs, steps_per_epoch=steps_per_epoch, has_val=has_val)
+    if isinstance(scheduler, LRScheduler):
+        return scheduler
+    if hasattr(scheduler, "step") and hasattr(scheduler, "optimizer"):
+        return LRScheduler(scheduler)
+    raise config_error(
+        "scheduler must be a name, a trainwell.LRScheduler or a torch scheduler.",
+        f"scheduler={describe(scheduler)}",
+        f"use one of {', '.join(SCHEDULERS)}, or LRScheduler(lambda optimizer: StepLR(optimizer, 5)).",
     )
-    built_optimizer.zero_grad(set_to_none=True)
-    with _training_mode(model):
-        loop.fit_loop(run)
-    return run.history
+
+
+def _check_monitors(callbacks: Sequence[Callback], keys: list[str]) -> None:
+    """Every callback's ``monitor`` must name a value that the run will log."""
+    available = [*keys, *(key for callback in callbacks for key in getattr(callback, "adds_logs", ()))]
+    for callback in callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if monitor is not None and monitor not in available:
+            hint = " (there is no validation data: pass val= or val_split=)" if monitor.startswith("val_") else ""
+            raise config_error(
+                f"{type(callback).__name__} monitors {monitor!r}, which this run will never log{hint}.",
+                f"monitor={monitor!r}",
+                f"monitor one of: {', '.join(available)}.",
+            )
+
+
+def _class_weight_tensor(class_weight: Mapping[int, float] | Sequence[float] | torch.Tensor) -> torch.Tensor:
+    if isinstance(class_weight, Mapping):
+        if not class_weight or not all(isinstance(key, int) and key >= 0 for key in class_weight):
+            raise config_error(
+                "class_weight keys must be class indices (integers >= 0).",
+                f"class_weight={class_weight!r}",
+                "pass e.g. class_weight={0: 1.0, 1: 5.0}.",
+            )
+        weights = torch.ones(max(class_weight) + 1)
+        for key, value in class_weight.items():
+            weights[key] = float(value)
+        return weights
+    weights = torch.as_tensor(class_weight, dtype=torch.float32)
+    if weights.dim() != 1 or not bool((weights >= 0).all()):
+        raise config_error(
+            "class_weight must hold one non-negative weight per class.", describe(weights), "pass e.g. [1.0, 5.0]."
+        )
+    return weights
 
 
 def evaluate(
@@ -270,9 +412,13 @@ def _check_data(
     role: str,
     needs_targets: bool,
     model_device: torch.device,
-) -> None:
+) -> bool:
     """Run the model once on a few samples (eval mode, no grad, RNG untouched) and check the
-    outputs and targets against the loss before anything trains."""
+    outputs and targets against the loss before anything trains.
+
+    Returns:
+        Whether the data carries per-sample weights.
+    """
     devices = [model_device.index or 0] if model_device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), loop.evaluation_mode(model):
         sample = batches.sample(_SAMPLE_SIZE)
@@ -283,7 +429,7 @@ def _check_data(
                 "pass (inputs, targets), e.g. fit(model, (x, y), ...), or a Dataset whose items are (input, target).",
             )
         try:
-            outputs = loop.call_model(model, sample.inputs)
+            outputs = call_model(model, sample.inputs)
         except RuntimeError as error:
             raise data_error(
                 f"The model failed on a sample of the {role}: {error}",
@@ -291,7 +437,7 @@ def _check_data(
                 "make the inputs match what the model's first layer expects (number of features, dtype).",
             ) from error
         if spec is None or sample.targets is None:
-            return
+            return sample.weights is not None
         all_targets = batches.data.targets if isinstance(batches, TensorBatches) else None
         check_loss_inputs(spec, outputs, sample.targets, all_targets=all_targets)
         try:
@@ -308,6 +454,7 @@ def _check_data(
                 describe(value),
                 "reduce it with .mean(), or use reduction='mean' for torch loss modules.",
             )
+        return sample.weights is not None
 
 
 def _resolve_metrics(metrics: Sequence[MetricArg], spec: LossSpec | None) -> list[Metric | ExternalMetric]:

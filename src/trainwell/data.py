@@ -30,11 +30,13 @@ class Batch(NamedTuple):
         inputs: A tensor, a tuple of tensors (``model(*inputs)``) or a dict (``model(**inputs)``).
         targets: The targets, or None for data without targets.
         size: Number of samples, known on the host without a device synchronisation.
+        weights: Per-sample loss weights (from a third data element), or None.
     """
 
     inputs: Any
     targets: torch.Tensor | None
     size: int
+    weights: torch.Tensor | None = None
 
 
 class Batches(Protocol):
@@ -54,18 +56,22 @@ class Batches(Protocol):
 
 @dataclass
 class InMemory:
-    """Data held as tensors: inputs (tensor, tuple or dict of tensors) and optional targets."""
+    """Data held as tensors: inputs (tensor, tuple or dict of tensors), optional targets and
+    optional per-sample weights."""
 
     inputs: Any
     targets: torch.Tensor | None
+    weights: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return _length(self.inputs)
 
-    def take(self, index: torch.Tensor | slice) -> tuple[Any, torch.Tensor | None]:
-        """Rows ``index`` of inputs and targets (an index tensor gathers, a slice views)."""
+    def take(self, index: torch.Tensor | slice) -> Batch:
+        """Rows ``index`` as a batch (an index tensor gathers, a slice views)."""
+        inputs = _map_tensors(self.inputs, lambda tensor: _rows(tensor, index))
         targets = None if self.targets is None else _rows(self.targets, index)
-        return _map_tensors(self.inputs, lambda tensor: _rows(tensor, index)), targets
+        weights = None if self.weights is None else _rows(self.weights, index)
+        return Batch(inputs, targets, _length(inputs), weights)
 
 
 def _rows(tensor: torch.Tensor, index: torch.Tensor | slice) -> torch.Tensor:
@@ -103,12 +109,10 @@ class TensorBatches:
         for start in range(skip * self.batch_size, total, self.batch_size):
             stop = min(start + self.batch_size, total)
             index = slice(start, stop) if order is None else order[start:stop]
-            inputs, targets = self.data.take(index)
-            yield _to_device(Batch(inputs, targets, stop - start), self.device)
+            yield _to_device(self.data.take(index), self.device)
 
     def sample(self, count: int) -> Batch:
-        inputs, targets = self.data.take(slice(0, min(count, len(self.data))))
-        return _to_device(Batch(inputs, targets, min(count, len(self.data))), self.device)
+        return _to_device(self.data.take(slice(0, count)), self.device)
 
 
 class DatasetBatches:
@@ -177,20 +181,31 @@ class LoaderBatches:
         raise data_error("The data yielded no batches.", describe(self.iterable), "pass data with at least one sample.")
 
 
+def call_model(model: torch.nn.Module, inputs: Any) -> Any:
+    """Call ``model`` on a batch's inputs: ``model(*inputs)`` for a tuple, ``model(**inputs)``
+    for a dict, ``model(inputs)`` otherwise."""
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
+
+
 def split_batch(raw: Any) -> Batch:
-    """Read one batch as yielded by a DataLoader or iterable: ``(inputs, targets)``, ``(inputs,)``
-    or bare inputs (a tensor or dict).
+    """Read one batch as yielded by a DataLoader or iterable: ``(inputs, targets)``,
+    ``(inputs, targets, sample_weights)``, ``(inputs,)`` or bare inputs (a tensor or dict).
 
     Raises:
         DataError: A batch of another shape.
     """
     if isinstance(raw, (tuple, list)):
-        if len(raw) == 2:
-            return Batch(raw[0], _as_tensor(raw[1], "targets"), _length(raw[0]))
+        if len(raw) in (2, 3):
+            weights = _as_tensor(raw[2], "sample weights") if len(raw) == 3 else None
+            return Batch(raw[0], _as_tensor(raw[1], "targets"), _length(raw[0]), weights)
         if len(raw) == 1:
             return Batch(raw[0], None, _length(raw[0]))
         raise data_error(
-            "Each batch must be (inputs, targets) or (inputs,).",
+            "Each batch must be (inputs, targets), (inputs, targets, sample_weights) or (inputs,).",
             f"a batch of {len(raw)} elements: {describe(raw)}",
             "yield (inputs, targets); put several model inputs in a tuple or dict: ((x1, x2), y).",
         )
@@ -247,35 +262,36 @@ def as_in_memory(data: Any, dtype: torch.dtype) -> InMemory | None:
     """Recognise in-memory data, converting arrays; None when ``data`` is another kind."""
     if isinstance(data, TensorDataset):
         tensors = data.tensors
-        if len(tensors) not in (1, 2):
+        if len(tensors) not in (1, 2, 3):
             raise data_error(
-                "A TensorDataset must hold (inputs,) or (inputs, targets).",
+                "A TensorDataset must hold (inputs,), (inputs, targets) or (inputs, targets, sample_weights).",
                 f"{len(tensors)} tensors",
                 "build it as TensorDataset(x, y).",
             )
-        return _in_memory(tensors[0], tensors[1] if len(tensors) == 2 else None, dtype)
+        return _in_memory(*tensors, dtype=dtype) if len(tensors) > 1 else _in_memory(tensors[0], None, dtype=dtype)
     if _is_array(data) or (isinstance(data, Mapping) and _is_array_structure(data)):
-        return _in_memory(data, None, dtype)
+        return _in_memory(data, None, dtype=dtype)
     if isinstance(data, tuple) and len(data) == 1 and _is_array_structure(data[0]):
-        return _in_memory(data[0], None, dtype)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and _is_array_structure(data[0]) and _is_array(data[1]):
-        return _in_memory(data[0], data[1], dtype)
+        return _in_memory(data[0], None, dtype=dtype)
+    is_sequence = isinstance(data, (tuple, list)) and len(data) in (2, 3)
+    if is_sequence and _is_array_structure(data[0]) and all(_is_array(part) for part in data[1:]):
+        return _in_memory(*data, dtype=dtype)
     return None
 
 
-def _in_memory(inputs: Any, targets: Any, dtype: torch.dtype) -> InMemory:
+def _in_memory(inputs: Any, targets: Any, weights: Any = None, *, dtype: torch.dtype) -> InMemory:
     inputs = _map_tensors(inputs, lambda part: _convert(part, "inputs", dtype))
     converted = None if targets is None else _convert(targets, "targets", dtype)
+    sample_weights = None if weights is None else _convert(weights, "sample weights", dtype)
     lengths = {_length(part) for part in _leaves(inputs)}
-    if converted is not None:
-        lengths.add(_length(converted))
+    lengths |= {_length(part) for part in (converted, sample_weights) if part is not None}
     if len(lengths) > 1:
         raise data_error(
-            "Inputs and targets must have the same number of samples (first dimension).",
-            f"inputs {describe(inputs)}; targets {describe(converted)}",
-            "pass one target per sample; check the data was not sliced differently.",
+            "Inputs, targets and sample weights must have the same number of samples (first dimension).",
+            f"inputs {describe(inputs)}; targets {describe(converted)}; weights {describe(sample_weights)}",
+            "pass one target (and weight) per sample; check the data was not sliced differently.",
         )
-    return InMemory(inputs, converted)
+    return InMemory(inputs, converted, sample_weights)
 
 
 def _convert(value: Any, role: str, dtype: torch.dtype) -> torch.Tensor:
@@ -366,7 +382,8 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
         return tensor.to(device, non_blocking=True)
 
     targets = None if batch.targets is None else move(batch.targets)
-    return Batch(_map_tensors(batch.inputs, move), targets, batch.size)
+    weights = None if batch.weights is None else move(batch.weights)
+    return Batch(_map_tensors(batch.inputs, move), targets, batch.size, weights)
 
 
 def split_validation(data: Any, fraction: float, seed: int, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -401,6 +418,8 @@ def split_validation(data: Any, fraction: float, seed: int, dtype: torch.dtype) 
 
 
 def tuple_of(data: InMemory, index: torch.Tensor) -> tuple[Any, ...]:
-    """Rows ``index`` of in-memory data, as the ``(inputs, targets)`` tuple ``to_batches`` takes."""
-    inputs, targets = data.take(index)
-    return (inputs,) if targets is None else (inputs, targets)
+    """Rows ``index`` of in-memory data, as the tuple ``to_batches`` takes."""
+    batch = data.take(index)
+    if batch.targets is None:
+        return (batch.inputs,)
+    return (batch.inputs, batch.targets) if batch.weights is None else (batch.inputs, batch.targets, batch.weights)

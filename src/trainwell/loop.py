@@ -5,14 +5,17 @@ Order of events in ``fit_loop`` (a test asserts it):
   2. for each epoch from ``run.start_epoch`` to ``run.epochs - 1``:
      1. ``on_epoch_start``
      2. for each training batch: ``on_train_batch_start``; the step (forward and loss under
-        autocast, scaled backward, unscale, ``on_before_optimizer_step``, optimizer step,
-        zero_grad, device-side sums); ``on_train_batch_end``; leave the epoch if
-        ``run.stop_training``
-     3. the epoch's training sums are read once (and reduced across processes)
-     4. with validation data: ``on_eval_start``, ``on_eval_batch_end`` per batch,
+        autocast, scaled backward; when a gradient-accumulation window is complete: unscale,
+        average, clip, ``on_before_optimizer_step``, optimizer step, zero_grad; device-side
+        sums); ``on_train_batch_end``; leave the epoch if ``run.stop_training``
+     3. the optimizer step of a partial last accumulation window
+     4. the epoch's training sums are read once (and reduced across processes)
+     5. with validation data: ``on_eval_start``, ``on_eval_batch_end`` per batch,
         ``on_eval_end``
-     5. ``run.logs`` is set and appended to the History; ``on_epoch_end``
-     6. stop if ``run.stop_training``
+     6. ``run.logs`` is set (training and validation values, plus ``run.extra_logs`` that
+        callbacks added during the epoch, such as ``lr``) and appended to the History;
+        ``on_epoch_end``
+     7. stop if ``run.stop_training``
   3. ``on_fit_end``, always (also after an exception)
 
 Nothing here reads a device value per step: losses and metrics go into device-side sums.
@@ -27,19 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainwell.data import Batch, Batches
+from trainwell.data import Batch, Batches, call_model
 from trainwell.metrics import Tally
 from trainwell.run import Run
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` on a batch's inputs: ``model(*inputs)`` for a tuple, ``model(**inputs)``
-    for a dict, ``model(inputs)`` otherwise."""
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(inputs)
 
 
 def fit_loop(run: Run) -> None:
@@ -53,7 +46,7 @@ def fit_loop(run: Run) -> None:
             if run.val_batches is not None:
                 logs |= eval_epoch(run, run.val_batches, run.val_tally)
             run.phase = "train"
-            run.logs = logs
+            run.logs = logs | run.extra_logs
             run.history.append(logs)
             run.callbacks.fire("on_epoch_end", run)
             run.batches_done = 0
@@ -68,6 +61,7 @@ def train_epoch(run: Run) -> None:
     assert run.train_batches is not None and run.step is not None
     run.phase = "train"
     run.train_tally.reset(run.device)
+    run.extra_logs = {}
     run.callbacks.fire("on_epoch_start", run)
     for batch in run.train_batches.for_epoch(run.epoch, skip=run.batches_done):
         run.batch = batch
@@ -77,36 +71,73 @@ def train_epoch(run: Run) -> None:
         run.callbacks.fire("on_train_batch_end", run)
         if run.stop_training:
             break
+    if run.window_samples:
+        optimizer_step(run)  # the last, partial window of gradient accumulation
 
 
 def train_step(run: Run, batch: Batch) -> None:
-    """One optimizer step on ``batch``: the default ``run.step``.
+    """The default ``run.step``: forward, loss, backward and, when a window is complete, the
+    optimizer step.
 
-    Forward and loss under the run's autocast, scaled backward, unscale,
-    ``on_before_optimizer_step``, optimizer step, ``zero_grad(set_to_none=True)``; then
-    ``run.loss``/``run.outputs`` are set, the running sums updated and ``run.global_step``
-    advanced. A custom step must do the same (it may call this function). Never reads a
-    device value.
+    Forward and loss run under the run's autocast. With ``grad_accum_steps == 1`` every batch
+    is one optimizer step. With k > 1, gradients of k batches are summed (each batch's loss
+    weighted by its size) and divided by the window's sample count before the step, so the
+    update equals that of one batch of all those samples; a partial last window is stepped at
+    the end of the epoch. Then ``run.loss``/``run.outputs`` are set and the running sums
+    updated. Never reads a device value.
+
+    A custom step (``fit(step=...)``) gets the same ``(run, batch)`` and may call this function
+    or ``compute_loss`` and ``optimizer_step``.
 
     Args:
-        run: The run; uses its model, loss_fn, optimizer, precision and train_tally.
+        run: The run; uses its model, loss, optimizer, precision and train_tally.
         batch: The batch, already on the device.
     """
-    assert run.optimizer is not None and run.loss_fn is not None
-    scaler = run.precision.scaler
     with run.precision.autocast():
         outputs = call_model(run.model, batch.inputs)
-        loss = run.loss_fn(outputs, batch.targets)
-    scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        loss = compute_loss(run, outputs, batch)
+    run.loss = loss.detach()
+    run.outputs = outputs
+    scaler = run.precision.scaler
+    if run.grad_accum_steps == 1:
+        scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        optimizer_step(run)
+    else:
+        scaler.scale(loss * batch.size).backward()  # type: ignore[no-untyped-call]
+        run.window_samples += batch.size
+        run.window_batches += 1
+        if run.window_batches == run.grad_accum_steps:
+            optimizer_step(run)
+    run.train_tally.update(run.loss, outputs, batch.targets, batch.size)
+
+
+def compute_loss(run: Run, outputs: Any, batch: Batch) -> torch.Tensor:
+    """The batch's mean loss, weighted per sample when the batch carries weights."""
+    assert run.loss_fn is not None
+    if batch.weights is None:
+        return run.loss_fn(outputs, batch.targets)
+    assert run.weighted_loss_fn is not None and batch.targets is not None
+    return run.weighted_loss_fn(outputs, batch.targets, batch.weights)
+
+
+def optimizer_step(run: Run) -> None:
+    """Unscale, average accumulated gradients, clip, ``on_before_optimizer_step``, step, zero."""
+    assert run.optimizer is not None
+    scaler = run.precision.scaler
     scaler.unscale_(run.optimizer)
+    if run.window_samples:
+        gradients = [parameter.grad for parameter in run.parameters if parameter.grad is not None]
+        torch._foreach_div_(gradients, run.window_samples)
+        run.window_samples = run.window_batches = 0
+    if run.clip_grad_value is not None:
+        nn.utils.clip_grad_value_(run.parameters, run.clip_grad_value, foreach=True)
+    if run.clip_grad_norm is not None:
+        nn.utils.clip_grad_norm_(run.parameters, run.clip_grad_norm, foreach=True)
     run.callbacks.fire("on_before_optimizer_step", run)
     scaler.step(run.optimizer)
     scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    run.loss = loss.detach()
-    run.outputs = outputs
     run.global_step += 1
-    run.train_tally.update(run.loss, outputs, batch.targets, batch.size)
 
 
 def eval_epoch(run: Run, batches: Batches, tally: Tally) -> dict[str, float]:
@@ -125,7 +156,7 @@ def eval_epoch(run: Run, batches: Batches, tally: Tally) -> dict[str, float]:
             outputs = call_model(run.model, batch.inputs)
             loss = None
             if run.loss_fn is not None and batch.targets is not None:
-                loss = run.loss_fn(outputs, batch.targets)
+                loss = compute_loss(run, outputs, batch)
             tally.update(loss, outputs, batch.targets, batch.size)
             run.batch, run.outputs, run.loss = batch, outputs, loss
             run.callbacks.fire("on_eval_batch_end", run)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from torch.nn import functional
 from trainwell.errors import config_error, data_error, describe, unknown_name_error
 
 LossFn = Callable[..., torch.Tensor]
+WeightedLossFn = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
 OutputKind = Literal["logits", "probabilities", "log_probabilities", "values", "unknown"]
 TargetKind = Literal["classes", "same_shape", "unknown"]
 
@@ -93,6 +94,60 @@ def resolve_loss(loss: str | LossFn) -> LossSpec:
         return LossSpec(base.name, loss, base.outputs, base.targets)
     name = getattr(loss, "__name__", type(loss).__name__)
     return LossSpec(name, loss, "unknown", "unknown")
+
+
+CLASS_WEIGHTED = ("cross_entropy", "nll", "bce", "bce_with_logits")
+
+
+def with_class_weight(spec: LossSpec, class_weight: torch.Tensor) -> LossSpec:
+    """The loss with per-class weights, computed exactly as torch's weighted losses do.
+
+    cross_entropy and nll get ``weight=class_weight`` (a weighted mean over samples); bce and
+    bce_with_logits weight each element by the weight of its target class (0 or 1).
+
+    Raises:
+        ConfigError: A loss that has no classes.
+    """
+    if spec.name not in CLASS_WEIGHTED or spec.targets == "unknown":
+        raise config_error(
+            "class_weight applies to classification losses.",
+            f"loss={spec.name!r}",
+            f"use one of {', '.join(CLASS_WEIGHTED)}, or weight samples with a third data element (x, y, w).",
+        )
+    base = spec.fn
+    if spec.targets == "classes":
+
+        def weighted(outputs: torch.Tensor, targets: torch.Tensor, **options: Any) -> torch.Tensor:
+            return base(outputs, targets, weight=class_weight, **options)
+
+    else:
+
+        def weighted(outputs: torch.Tensor, targets: torch.Tensor, **options: Any) -> torch.Tensor:
+            return base(outputs, targets, weight=class_weight[(targets > 0.5).long()], **options)
+
+    return LossSpec(spec.name, weighted, spec.outputs, spec.targets)
+
+
+def sample_weighted(spec: LossSpec) -> WeightedLossFn:
+    """``fn(outputs, targets, weights)``: the batch mean of each sample's loss times its weight.
+
+    Raises:
+        ConfigError: A custom loss, which cannot be evaluated per sample.
+    """
+    if spec.outputs == "unknown" or isinstance(spec.fn, nn.Module):
+        raise config_error(
+            "Sample weights need a named loss, which trainwell can evaluate per sample.",
+            f"loss={spec.name!r} with (inputs, targets, weights) data",
+            f"pass the loss by name ({', '.join(LOSSES)}), or drop the weights from the data.",
+        )
+    base = spec.fn
+
+    def weighted(outputs: Any, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        losses = base(outputs, targets, reduction="none")
+        per_sample = losses.reshape(len(losses), -1).mean(1)
+        return (per_sample * weights.reshape(-1)).mean()
+
+    return weighted
 
 
 def binary_threshold(spec: LossSpec) -> float:

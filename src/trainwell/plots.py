@@ -131,3 +131,21 @@ def confusion_matrix(
         )
     classes = classes or int(max(true.max().item(), predicted.max().item())) + 1
     return torch.bincount(true * classes + predicted, minlength=classes * classes).reshape(classes, classes)
+
+
+def plot_lr_finder(
+    lrs: Sequence[float], losses: Sequence[float], suggestion: float, path: str | Path | None = None
+) -> Figure:
+    """The range test: smoothed loss against learning rate (log scale), suggestion marked."""
+    figure = _new_figure(figsize=(6, 4), layout="constrained")
+    axis = figure.subplots()
+    axis.plot(lrs, losses)
+    axis.set_xscale("log")
+    axis.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggested lr {suggestion:.2e}")
+    axis.set_xlabel("learning rate")
+    axis.set_ylabel("loss (smoothed)")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend()
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    return figure

@@ -14,7 +14,7 @@ from torch import nn
 
 from trainwell.data import Batch, Batches
 from trainwell.history import History
-from trainwell.losses import LossFn
+from trainwell.losses import LossFn, WeightedLossFn
 from trainwell.metrics import Tally
 from trainwell.precision import Precision
 
@@ -70,8 +70,14 @@ class Run:
         batch: The current batch; outputs: the model's outputs for it; loss: its loss (a device
             tensor, never read by the loop).
         logs: The epoch's final values, set before ``on_epoch_end``; eval_logs: the last evaluation's.
+        extra_logs: Values callbacks add during an epoch (e.g. ``lr``); merged into ``logs``.
         stop_training: Set by a callback to end ``fit`` after the current batch.
         seed: Seeds the data order of every epoch.
+        weighted_loss_fn: ``fn(outputs, targets, sample_weights)`` for batches with weights.
+        parameters: The trainable parameters (for clipping and accumulation).
+        grad_accum_steps: Batches per optimizer step; window_batches / window_samples: the
+            batches and samples accumulated in the current window.
+        clip_grad_norm / clip_grad_value: Gradient clipping before each optimizer step.
         is_main_process: True on the process that prints and writes files.
         reduce: Sums a 1-D tensor across processes; None in a single process.
     """
@@ -100,8 +106,16 @@ class Run:
     loss: torch.Tensor | None = None
     logs: dict[str, float] = field(default_factory=dict)
     eval_logs: dict[str, float] = field(default_factory=dict)
+    extra_logs: dict[str, float] = field(default_factory=dict)
     stop_training: bool = False
     seed: int = 0
+    weighted_loss_fn: WeightedLossFn | None = None
+    parameters: list[torch.Tensor] = field(default_factory=list)
+    grad_accum_steps: int = 1
+    window_batches: int = 0
+    window_samples: int = 0
+    clip_grad_norm: float | None = None
+    clip_grad_value: float | None = None
     is_main_process: bool = True
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
