@@ -96,7 +96,9 @@ def safe_load(path: str | Path) -> Any:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as error:
-        reason = str(error).split("\n\n")[0] if str(error) else type(error).__name__
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        named = [line for line in lines if "GLOBAL" in line or "nsupported" in line]
+        reason = (named or lines or [type(error).__name__])[0]
         raise data_error(
             f"Refused to load {path}: it holds objects that loading would have to construct by running code.",
             reason[:300],

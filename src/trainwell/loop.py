@@ -47,7 +47,7 @@ def fit_loop(run: Run) -> None:
                 logs |= eval_epoch(run, run.val_batches, run.val_tally)
             run.phase = "train"
             run.logs = logs | run.extra_logs
-            run.history.append(logs)
+            run.history.append(run.logs)
             run.callbacks.fire("on_epoch_end", run)
             run.batches_done = 0
             if run.stop_training:
