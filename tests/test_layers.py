@@ -11,10 +11,10 @@ SOURCE = Path(trainwell.__file__).parent
 LAYERS = [
     {"__init__", "__main__", "cli", "datasets", "lr_finder", "summary"},
     {"api"},
-    {"loop"},
+    {"loop", "doctor"},
     {"progress", "checkpoint", "callbacks"},
     {"run", "history"},
-    {"data", "losses", "metrics", "optimizers", "precision", "distributed", "plots"},
+    {"data", "losses", "metrics", "models", "optimizers", "precision", "distributed", "plots"},
     {"errors"},
 ]
 # Within the built-in hooks layer, the others may import the Callback base; the Run holds the History.

@@ -6,9 +6,9 @@ callbacks, and building the ``Run``. Must not iterate over batches (that is ``lo
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, cast
 
 import torch
@@ -16,19 +16,20 @@ from torch import nn
 
 from trainwell import loop
 from trainwell.callbacks import SCHEDULERS, Callback, CallbackList, LRScheduler, TerminateOnNaN, build_scheduler
-from trainwell.data import Batches, TensorBatches, call_model, split_validation, to_batches
-from trainwell.errors import DataError, config_error, data_error, describe
+from trainwell.data import split_validation, to_batches
+from trainwell.doctor import examine
+from trainwell.errors import DataError, TrainwellWarning, config_error, describe
 from trainwell.history import History
 from trainwell.losses import (
     LossFn,
     LossSpec,
     binary_threshold,
-    check_loss_inputs,
     resolve_loss,
     sample_weighted,
     with_class_weight,
 )
 from trainwell.metrics import AccuracyMode, ExternalMetric, Metric, MetricFn, Tally, metric_name, resolve_metric
+from trainwell.models import float_dtype, preserved_modes
 from trainwell.optimizers import build_optimizer
 from trainwell.precision import PrecisionName, build_precision
 from trainwell.progress import ProgressDisplay, choose_mode
@@ -36,7 +37,6 @@ from trainwell.run import Run, StepFn
 
 MetricArg = str | MetricFn | Metric | ExternalMetric
 Progress = bool | Literal["auto"]
-_SAMPLE_SIZE = 8
 
 
 def fit(
@@ -160,7 +160,7 @@ def fit(
     else:
         _check_count("seed", seed, minimum=0)
         torch.manual_seed(seed)
-    dtype = _float_dtype(model)
+    dtype = float_dtype(model)
     if val_split:
         train, val = split_validation(train, val_split, seed, dtype)
     train_batches = to_batches(train, batch_size=batch_size, shuffle=shuffle, seed=seed, device=target, dtype=dtype)
@@ -169,11 +169,13 @@ def fit(
         val_batches = to_batches(val, batch_size=batch_size, shuffle=False, seed=seed, device=target, dtype=dtype)
     model.to(target)
     built_optimizer = build_optimizer(optimizer, model, lr, optimizer_options)
-    weighted = _check_data(model, spec, train_batches, role="training data", needs_targets=True, model_device=target)
+    diagnosis = examine(model, spec, train_batches, role="training data", needs_targets=True, device=target,
+                        metrics=train_metrics, training=True)  # fmt: skip
     if val_batches is not None:
-        weighted |= _check_data(
-            model, spec, val_batches, role="validation data", needs_targets=True, model_device=target
-        )
+        checked = examine(model, spec, val_batches, role="validation data", needs_targets=True, device=target)
+        diagnosis.notes += checked.notes
+        diagnosis.has_weights |= checked.has_weights
+    _say(diagnosis.notes)
 
     added: list[Callback] = []
     if scheduler is not None:
@@ -189,7 +191,7 @@ def fit(
         module=model,
         optimizer=built_optimizer,
         loss_fn=spec.fn,
-        weighted_loss_fn=sample_weighted(spec) if weighted else None,
+        weighted_loss_fn=sample_weighted(spec) if diagnosis.has_weights else None,
         train_tally=Tally(train_metrics),
         val_tally=Tally(val_metrics, prefix="val_"),
         precision=mixed,
@@ -206,7 +208,7 @@ def fit(
         clip_grad_value=clip_grad_value,
     )
     built_optimizer.zero_grad(set_to_none=True)
-    with _training_mode(model):
+    with preserved_modes(model, training=True):
         loop.fit_loop(run)
     return run.history
 
@@ -346,10 +348,15 @@ def evaluate(
     spec = resolve_loss(loss) if loss is not None else None
     tally = Tally(_resolve_metrics(metrics, spec), has_loss=spec is not None)
     target = _resolve_device(device)
-    batches = to_batches(data, batch_size=batch_size, shuffle=False, seed=0, device=target, dtype=_float_dtype(model))
+    batches = to_batches(data, batch_size=batch_size, shuffle=False, seed=0, device=target, dtype=float_dtype(model))
     model.to(target)
-    _check_data(model, spec, batches, role="evaluation data", needs_targets=True, model_device=target)
+    tally_metrics = [metric for metric in tally.metrics]
+    diagnosis = examine(model, spec, batches, role="evaluation data", needs_targets=True, device=target,
+                        metrics=tally_metrics)  # fmt: skip
+    _say(diagnosis.notes)
     run = _inference_run(model, target, tally, spec.fn if spec is not None else None)
+    if diagnosis.has_weights and spec is not None:
+        run.weighted_loss_fn = sample_weighted(spec)
     return loop.eval_epoch(run, batches, tally)
 
 
@@ -380,7 +387,7 @@ def predict(
     _check_model(model)
     _check_count("batch_size", batch_size)
     target = _resolve_device(device)
-    batches = to_batches(data, batch_size=batch_size, shuffle=False, seed=0, device=target, dtype=_float_dtype(model))
+    batches = to_batches(data, batch_size=batch_size, shuffle=False, seed=0, device=target, dtype=float_dtype(model))
     model.to(target)
     run = _inference_run(model, target, Tally([], has_loss=False), None)
     return _concatenate(loop.predict_loop(run, batches))
@@ -399,62 +406,15 @@ def _inference_run(model: nn.Module, device: torch.device, tally: Tally, loss_fn
     )
 
 
+def _say(notes: list[str]) -> None:
+    """Repairs the input doctor made, shown once each as a ``TrainwellWarning``."""
+    for note in notes:
+        warnings.warn(note, TrainwellWarning, stacklevel=3)
+
+
 def _display(progress: Progress) -> list[Callback]:
     mode = choose_mode(progress, sys.stdout)
     return [] if mode is None else [ProgressDisplay(mode)]
-
-
-def _check_data(
-    model: nn.Module,
-    spec: LossSpec | None,
-    batches: Batches,
-    *,
-    role: str,
-    needs_targets: bool,
-    model_device: torch.device,
-) -> bool:
-    """Run the model once on a few samples (eval mode, no grad, RNG untouched) and check the
-    outputs and targets against the loss before anything trains.
-
-    Returns:
-        Whether the data carries per-sample weights.
-    """
-    devices = [model_device.index or 0] if model_device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), loop.evaluation_mode(model):
-        sample = batches.sample(_SAMPLE_SIZE)
-        if needs_targets and sample.targets is None:
-            raise data_error(
-                f"The {role} has no targets.",
-                f"inputs only: {describe(sample.inputs)}",
-                "pass (inputs, targets), e.g. fit(model, (x, y), ...), or a Dataset whose items are (input, target).",
-            )
-        try:
-            outputs = call_model(model, sample.inputs)
-        except RuntimeError as error:
-            raise data_error(
-                f"The model failed on a sample of the {role}: {error}",
-                f"inputs {describe(sample.inputs)}; model {type(model).__name__}",
-                "make the inputs match what the model's first layer expects (number of features, dtype).",
-            ) from error
-        if spec is None or sample.targets is None:
-            return sample.weights is not None
-        all_targets = batches.data.targets if isinstance(batches, TensorBatches) else None
-        check_loss_inputs(spec, outputs, sample.targets, all_targets=all_targets)
-        try:
-            value = spec.fn(outputs, sample.targets)
-        except (RuntimeError, ValueError, IndexError) as error:
-            raise data_error(
-                f"The loss {spec.name} failed on a sample of the {role}: {error}",
-                f"outputs {describe(outputs)}, targets {describe(sample.targets)}",
-                "make the targets match what the loss expects (see the loss's documentation).",
-            ) from error
-        if not isinstance(value, torch.Tensor) or value.dim() != 0:
-            raise data_error(
-                f"The loss {spec.name} must return a scalar tensor (the batch mean).",
-                describe(value),
-                "reduce it with .mean(), or use reduction='mean' for torch loss modules.",
-            )
-        return sample.weights is not None
 
 
 def _resolve_metrics(metrics: Sequence[MetricArg], spec: LossSpec | None) -> list[Metric | ExternalMetric]:
@@ -500,13 +460,6 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def _float_dtype(model: nn.Module) -> torch.dtype:
-    for parameter in model.parameters():
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return torch.get_default_dtype()
-
-
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise config_error(
@@ -526,19 +479,6 @@ def _check_count(name: str, value: Any, minimum: int = 1) -> None:
 def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     if not any(value is choice if isinstance(choice, bool) else value == choice for choice in choices):
         raise config_error(f"Invalid {name}.", f"{name}={value!r}", f"use one of: {', '.join(map(repr, choices))}.")
-
-
-@contextlib.contextmanager
-def _training_mode(model: nn.Module) -> Iterator[None]:
-    """Train a model given in eval mode in train mode; restore every submodule's mode after."""
-    modes = [(module, module.training) for module in model.modules()]
-    if not model.training:
-        model.train()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _concatenate(parts: list[Any]) -> Any:

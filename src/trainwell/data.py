@@ -7,7 +7,7 @@ converting arrays, validation splits, and the shuffled order, which is a functio
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -53,6 +53,17 @@ class Batches(Protocol):
         """The first ``count`` samples (or the first batch), for checks before training."""
         ...
 
+    def repair(self, fix: Repair) -> None:
+        """Apply ``fix`` to every batch (in-memory data: once, to all of it)."""
+        ...
+
+    def skip_single_batches(self) -> None:
+        """Leave out batches of one sample (BatchNorm cannot train on them)."""
+        ...
+
+
+Repair = Callable[[Batch], Batch]
+
 
 @dataclass
 class InMemory:
@@ -65,6 +76,11 @@ class InMemory:
 
     def __len__(self) -> int:
         return _length(self.inputs)
+
+    @classmethod
+    def of(cls, batch: Batch) -> InMemory:
+        """The in-memory data of one (whole-data) batch."""
+        return cls(batch.inputs, batch.targets, batch.weights)
 
     def take(self, index: torch.Tensor | slice) -> Batch:
         """Rows ``index`` as a batch (an index tensor gathers, a slice views)."""
@@ -102,20 +118,54 @@ class TensorBatches:
         self.device = device
         self.num_samples: int | None = len(data)
         self.num_batches: int | None = -(-len(data) // batch_size)
+        self.drops_single_last = False
 
     def for_epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         total = len(self.data)
         order = epoch_order(total, self.seed, epoch) if self.shuffle else None
-        for start in range(skip * self.batch_size, total, self.batch_size):
-            stop = min(start + self.batch_size, total)
+        end = total - 1 if self.drops_single_last else total
+        for start in range(skip * self.batch_size, end, self.batch_size):
+            stop = min(start + self.batch_size, end)
             index = slice(start, stop) if order is None else order[start:stop]
             yield _to_device(self.data.take(index), self.device)
 
     def sample(self, count: int) -> Batch:
         return _to_device(self.data.take(slice(0, count)), self.device)
 
+    def repair(self, fix: Repair) -> None:
+        self.data = InMemory.of(fix(self.data.take(slice(None))))
 
-class DatasetBatches:
+    def skip_single_batches(self) -> None:
+        if len(self.data) % self.batch_size == 1 and len(self.data) > 1:
+            self.drops_single_last = True  # a different sample each epoch when shuffled
+            self.num_batches = len(self.data) // self.batch_size
+
+
+class _Streamed:
+    """What Dataset- and DataLoader-backed batches share: per-batch repairs and skips."""
+
+    device: torch.device
+
+    def __init__(self) -> None:
+        self.fix: Repair | None = None
+        self.skips_single = False
+
+    def repair(self, fix: Repair) -> None:
+        previous = self.fix
+        self.fix = fix if previous is None else lambda batch: fix(previous(batch))
+
+    def skip_single_batches(self) -> None:
+        self.skips_single = True
+
+    def _deliver(self, raws: Iterable[Any]) -> Iterator[Batch]:
+        for raw in raws:
+            batch = _to_device(split_batch(raw), self.device)
+            if self.skips_single and batch.size == 1:
+                continue
+            yield batch if self.fix is None else self.fix(batch)
+
+
+class DatasetBatches(_Streamed):
     """A map-style Dataset, read through a DataLoader whose order comes from ``epoch_order``."""
 
     def __init__(
@@ -128,6 +178,7 @@ class DatasetBatches:
         device: torch.device,
         num_workers: int = 0,
     ) -> None:
+        super().__init__()
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -149,18 +200,18 @@ class DatasetBatches:
     def for_epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         total = len(self.dataset)  # type: ignore[arg-type]
         order = epoch_order(total, self.seed, epoch).tolist() if self.shuffle else list(range(total))
-        for raw in self._loader(order[skip * self.batch_size :]):
-            yield _to_device(split_batch(raw), self.device)
+        yield from self._deliver(self._loader(order[skip * self.batch_size :]))
 
     def sample(self, count: int) -> Batch:
         indices = list(range(min(count, len(self.dataset))))  # type: ignore[arg-type]
         return _to_device(split_batch(next(iter(self._loader(indices)))), self.device)
 
 
-class LoaderBatches:
+class LoaderBatches(_Streamed):
     """A user's DataLoader or re-iterable collection of batches, used as given."""
 
     def __init__(self, iterable: Iterable[Any], *, device: torch.device) -> None:
+        super().__init__()
         self.iterable = iterable
         self.device = device
         self.num_batches: int | None = _optional_len(iterable)
@@ -171,24 +222,12 @@ class LoaderBatches:
         set_epoch = getattr(getattr(self.iterable, "sampler", None), "set_epoch", None)
         if set_epoch is not None:
             set_epoch(epoch)
-        for position, raw in enumerate(self.iterable):
-            if position >= skip:
-                yield _to_device(split_batch(raw), self.device)
+        yield from self._deliver(raw for position, raw in enumerate(self.iterable) if position >= skip)
 
     def sample(self, count: int) -> Batch:
         for raw in self.iterable:
             return _to_device(split_batch(raw), self.device)
         raise data_error("The data yielded no batches.", describe(self.iterable), "pass data with at least one sample.")
-
-
-def call_model(model: torch.nn.Module, inputs: Any) -> Any:
-    """Call ``model`` on a batch's inputs: ``model(*inputs)`` for a tuple, ``model(**inputs)``
-    for a dict, ``model(inputs)`` otherwise."""
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(inputs)
 
 
 def split_batch(raw: Any) -> Batch:

@@ -28,6 +28,10 @@ class DataError(TrainwellError):
     """The data, or the model's outputs against the targets, break the loss's contract."""
 
 
+class TrainwellWarning(UserWarning):
+    """A repair trainwell made to the input (a cast, a reshape) or a likely mistake it noticed."""
+
+
 def format_message(what: str, received: str, fix: str) -> str:
     """Return the standard three-part message.
 

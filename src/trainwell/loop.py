@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainwell.data import Batch, Batches, call_model
+from trainwell.data import Batch, Batches
 from trainwell.metrics import Tally
+from trainwell.models import call_model, preserved_modes
 from trainwell.run import Run
 
 
@@ -183,11 +184,5 @@ def predict_loop(run: Run, batches: Batches) -> list[Any]:
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """``model.eval()`` under ``torch.inference_mode()``; restores each submodule's mode on exit."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        for module, training in modes:
-            module.training = training
+    with preserved_modes(model, training=False), torch.inference_mode():
+        yield

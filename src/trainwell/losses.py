@@ -184,9 +184,9 @@ def check_loss_inputs(
 def _check_class_targets(
     spec: LossSpec, outputs: torch.Tensor, targets: torch.Tensor, all_targets: torch.Tensor | None
 ) -> None:
-    if outputs.dim() < 2:
+    if outputs.dim() < 2 or outputs.shape[1] < 2:
         raise data_error(
-            f"{spec.name} needs outputs of shape (N, C): one score per class.",
+            f"{spec.name} needs outputs of shape (N, C) with C >= 2: one score per class.",
             f"outputs {describe(outputs)}",
             "end the model with nn.Linear(features, number_of_classes); for two classes with one "
             "output column use loss='bce_with_logits'.",

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainwell.data import call_model
 from trainwell.errors import data_error, describe
+from trainwell.models import call_model, preserved_modes
 
 
 @dataclass(frozen=True)
@@ -102,10 +102,8 @@ def summary(model: nn.Module, example_input: Any) -> ModelSummary:
         return hook
 
     handles = [module.register_forward_hook(recorder(name)) for name, module in leaves]
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), preserved_modes(model, training=False):
             output = call_model(model, example_input)
     except RuntimeError as error:
         raise data_error(
@@ -116,8 +114,6 @@ def summary(model: nn.Module, example_input: Any) -> ModelSummary:
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes:
-            module.training = training
     parameters = list(model.parameters())
     total = sum(parameter.numel() for parameter in parameters)
     trainable = sum(parameter.numel() for parameter in parameters if parameter.requires_grad)

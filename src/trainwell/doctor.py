@@ -1,0 +1,339 @@
+"""The input doctor: checks data, model outputs and loss together before the first step.
+
+Owns: the pre-flight examination (one forward pass on a few samples, in eval mode, under
+no_grad, with the random state restored), repairs whose intent is unambiguous (said once as a
+warning), and errors that say what is wrong, what was received and the fix. Runs once per
+``fit``/``evaluate``; nothing here runs per step except the repairs it installs on streamed data.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainwell.data import Batch, Batches, TensorBatches
+from trainwell.errors import data_error, describe
+from trainwell.losses import LossSpec, check_loss_inputs
+from trainwell.metrics import Accuracy, ExternalMetric, Metric, TopKAccuracy
+from trainwell.models import call_model, float_dtype, preserved_modes
+
+SAMPLE_SIZE = 8
+_DTYPE_ERROR = re.compile(r"dtype|scalar type|Float|Double|Half|BFloat16|Long|Int")
+
+
+@dataclass
+class Diagnosis:
+    """What the examination found.
+
+    Attributes:
+        notes: Repairs made, one sentence each (``fit`` shows them as warnings).
+        has_weights: The data carries per-sample weights.
+    """
+
+    notes: list[str] = field(default_factory=list)
+    has_weights: bool = False
+
+
+def examine(
+    model: nn.Module,
+    spec: LossSpec | None,
+    batches: Batches,
+    *,
+    role: str,
+    needs_targets: bool,
+    device: torch.device,
+    metrics: list[Metric | ExternalMetric] | None = None,
+    training: bool = False,
+) -> Diagnosis:
+    """Check ``batches`` against ``model`` and the loss; repair what is unambiguous.
+
+    Args:
+        model: The model, already on ``device``.
+        spec: The loss (None when only metrics are computed).
+        batches: The data; repairs are installed on it.
+        role: ``"training data"``, ``"validation data"``, ... (for messages).
+        needs_targets: Whether the data must have targets.
+        device: The model's device.
+        metrics: The metrics that will be computed (checked against the targets).
+        training: Whether the model will be trained on the data (BatchNorm checks).
+
+    Returns:
+        The diagnosis (notes to show, whether sample weights are present).
+
+    Raises:
+        DataError: A mistake with no unambiguous repair.
+    """
+    diagnosis = Diagnosis()
+    if isinstance(batches, TensorBatches):
+        _check_finite(batches, role)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), preserved_modes(model, training=False):
+        sample = batches.sample(SAMPLE_SIZE)
+        diagnosis.has_weights = sample.weights is not None
+        if needs_targets and sample.targets is None:
+            raise data_error(
+                f"The {role} has no targets.",
+                f"inputs only: {describe(sample.inputs)}",
+                "pass (inputs, targets), e.g. fit(model, (x, y), ...), or a Dataset whose items are (input, target).",
+            )
+        outputs, sample = _forward(model, sample, batches, role, diagnosis)
+        if spec is not None and sample.targets is not None and isinstance(outputs, torch.Tensor):
+            sample = _repair_targets(spec, outputs, sample, batches, diagnosis)
+            all_targets = batches.data.targets if isinstance(batches, TensorBatches) else None
+            check_loss_inputs(spec, outputs, sample.targets, all_targets=all_targets)  # type: ignore[arg-type]
+            _check_loss_value(spec, outputs, sample, role)
+            _warn_about_activations(model, spec, outputs, diagnosis)
+        if metrics and sample.targets is not None and isinstance(outputs, torch.Tensor):
+            _check_metrics(metrics, spec, outputs, sample.targets)
+    if training:
+        _handle_single_sample_batches(model, batches, diagnosis)
+    return diagnosis
+
+
+def _check_finite(batches: TensorBatches, role: str) -> None:
+    """NaN or inf in in-memory data: name the first bad row and column."""
+    parts: list[tuple[str, torch.Tensor]] = []
+    inputs = batches.data.inputs
+    if isinstance(inputs, torch.Tensor):
+        parts.append(("inputs", inputs))
+    elif isinstance(inputs, dict):
+        parts += [(f"inputs[{key!r}]", value) for key, value in inputs.items()]
+    else:
+        parts += [(f"inputs[{index}]", value) for index, value in enumerate(inputs)]
+    if batches.data.targets is not None:
+        parts.append(("targets", batches.data.targets))
+    for name, tensor in parts:
+        if not tensor.is_floating_point():
+            continue
+        bad = ~torch.isfinite(tensor)
+        if bool(bad.any()):
+            position = [int(index) for index in bad.nonzero()[0]]
+            where = f"row {position[0]}" + (f", column {position[1]}" if len(position) > 1 else "")
+            value = float(tensor[tuple(position)])
+            count = int(bad.sum())
+            raise data_error(
+                f"The {role} {name} hold {count} non-finite value(s) (NaN or inf); the first is at {where}.",
+                f"{name}[{', '.join(map(str, position))}] = {value}",
+                "drop or fill those rows before training (e.g. x = torch.nan_to_num(x) or remove them).",
+            )
+
+
+def _forward(model: nn.Module, sample: Batch, batches: Batches, role: str, diagnosis: Diagnosis) -> tuple[Any, Batch]:
+    """Run the model on the sample; cast inputs to the model's dtype when that is what it needs."""
+    try:
+        return call_model(model, sample.inputs), sample
+    except RuntimeError as error:
+        dtype = float_dtype(model)
+        leaves = _tensors(sample.inputs)
+        castable = any(leaf.dtype not in (dtype, torch.bool) for leaf in leaves)
+        if castable and _DTYPE_ERROR.search(str(error)):
+            fix = _cast_inputs(dtype)
+            try:
+                outputs = call_model(model, fix(sample).inputs)
+            except RuntimeError:
+                outputs = None
+            if outputs is not None:
+                batches.repair(fix)
+                received = ", ".join(sorted({str(leaf.dtype).removeprefix("torch.") for leaf in leaves}))
+                diagnosis.notes.append(f"The {role} inputs ({received}) were cast to the model's {dtype}.")
+                return outputs, fix(sample)
+        raise _forward_error(model, sample, role, error) from error
+
+
+def _forward_error(model: nn.Module, sample: Batch, role: str, error: RuntimeError) -> Exception:
+    first = next((module for module in model.modules() if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))), None)
+    leaves = _tensors(sample.inputs)
+    if isinstance(first, nn.Linear) and len(leaves) == 1 and leaves[0].shape[-1] != first.in_features:
+        return data_error(
+            f"The model's first layer expects {first.in_features} features per sample; the {role} has "
+            f"{leaves[0].shape[-1]}.",
+            f"inputs {describe(sample.inputs)}; first layer {first}",
+            f"give the first layer in_features={leaves[0].shape[-1]}, or select the {first.in_features} feature "
+            "columns the model was built for.",
+        )
+    return data_error(
+        f"The model failed on a sample of the {role}: {error}",
+        f"inputs {describe(sample.inputs)}; model {type(model).__name__}",
+        "make the inputs match what the model's first layer expects (number of features, dtype).",
+    )
+
+
+def _cast_inputs(dtype: torch.dtype) -> Callable[[Batch], Batch]:
+    def cast(batch: Batch) -> Batch:
+        inputs = batch.inputs
+        if isinstance(inputs, torch.Tensor):
+            inputs = inputs.to(dtype)
+        elif isinstance(inputs, dict):
+            inputs = {key: value.to(dtype) for key, value in inputs.items()}
+        else:
+            inputs = tuple(value.to(dtype) for value in inputs)
+        return batch._replace(inputs=inputs)
+
+    return cast
+
+
+TargetFix = tuple[Callable[[torch.Tensor], torch.Tensor], str]
+
+
+def _repair_targets(
+    spec: LossSpec, outputs: torch.Tensor, sample: Batch, batches: Batches, diagnosis: Diagnosis
+) -> Batch:
+    """Squeeze, reshape and cast targets when there is only one sensible reading."""
+    targets = sample.targets
+    assert targets is not None
+    fixes: list[TargetFix] = []
+    if spec.targets == "classes" and outputs.dim() >= 2:
+        fixes = _class_target_fixes(outputs, targets)
+    elif spec.targets == "same_shape":
+        fixes = _value_target_fixes(outputs, targets)
+        if spec.name in ("bce", "bce_with_logits"):
+            _check_binary_targets(batches, targets)
+    if not fixes:
+        return sample
+
+    def repair(batch: Batch) -> Batch:
+        fixed = batch.targets
+        assert fixed is not None
+        for fix, _ in fixes:
+            fixed = fix(fixed)
+        return batch._replace(targets=fixed)
+
+    batches.repair(repair)
+    reasons = " and ".join(why for _, why in fixes)
+    diagnosis.notes.append(f"The {spec.name} targets were {reasons}.")
+    return repair(sample)
+
+
+def _class_target_fixes(outputs: torch.Tensor, targets: torch.Tensor) -> list[TargetFix]:
+    """(N, 1) labels -> (N,); integral floats and small integer types -> int64; integer one-hot -> float."""
+    fixes: list[TargetFix] = []
+    if targets.dim() == 2 and targets.shape[1] == 1 and outputs.dim() == 2 and outputs.shape[1] > 1:
+        fixes.append((lambda t: t.squeeze(1), "squeezed from (N, 1) to (N,)"))
+        targets = targets.squeeze(1)
+    elif targets.shape == outputs.shape and targets.dtype != outputs.dtype:
+        dtype = outputs.dtype
+        how = "read as one-hot and cast" if not targets.is_floating_point() else "cast"
+        return [(lambda t: t.to(dtype), f"{how} from {_name(targets.dtype)} to {_name(dtype)}")]
+    is_labels = tuple(targets.shape) == (len(targets), *outputs.shape[2:]) and targets.dtype not in (
+        torch.long,
+        torch.bool,
+    )
+    if is_labels and (not targets.is_floating_point() or bool((targets == targets.round()).all())):
+        fixes.append((lambda t: t.long(), f"cast from {_name(targets.dtype)} to int64 class indices"))
+    return fixes
+
+
+def _value_target_fixes(outputs: torch.Tensor, targets: torch.Tensor) -> list[TargetFix]:
+    """(N,) against (N, 1) outputs, or the reverse -> the outputs' shape; integers -> floats."""
+    fixes: list[TargetFix] = []
+    if targets.dim() == 1 and tuple(outputs.shape[1:]) == (1,):
+        fixes.append((lambda t: t.unsqueeze(1), "reshaped from (N,) to (N, 1) like the outputs"))
+    elif targets.dim() == 2 and targets.shape[1] == 1 and outputs.dim() == 1:
+        fixes.append((lambda t: t.squeeze(1), "reshaped from (N, 1) to (N,) like the outputs"))
+    if targets.dtype != outputs.dtype and outputs.is_floating_point():
+        dtype = outputs.dtype
+        fixes.append((lambda t: t.to(dtype), f"cast from {_name(targets.dtype)} to {_name(dtype)}"))
+    return fixes
+
+
+def _check_binary_targets(batches: Batches, sample_targets: torch.Tensor) -> None:
+    targets = batches.data.targets if isinstance(batches, TensorBatches) else sample_targets
+    assert targets is not None
+    outside = (targets < 0) | (targets > 1)
+    if bool(outside.any()):
+        index = [int(position) for position in outside.nonzero()[0]]
+        raise data_error(
+            "Binary cross-entropy needs targets in [0, 1] (0/1 labels or probabilities).",
+            f"targets[{', '.join(map(str, index))}] = {float(targets[tuple(index)])}",
+            "map the two classes to 0 and 1 (e.g. y = (y == positive_label).float()); for more classes use "
+            "loss='cross_entropy'.",
+        )
+
+
+def _check_loss_value(spec: LossSpec, outputs: torch.Tensor, sample: Batch, role: str) -> None:
+    assert sample.targets is not None
+    try:
+        value = spec.fn(outputs, sample.targets)
+    except (RuntimeError, ValueError, IndexError) as error:
+        raise data_error(
+            f"The loss {spec.name} failed on a sample of the {role}: {error}",
+            f"outputs {describe(outputs)}, targets {describe(sample.targets)}",
+            "make the targets match what the loss expects (see the loss's documentation).",
+        ) from error
+    if not isinstance(value, torch.Tensor) or value.dim() != 0:
+        raise data_error(
+            f"The loss {spec.name} must return a scalar tensor (the batch mean).",
+            describe(value),
+            "reduce it with .mean(), or use reduction='mean' for torch loss modules.",
+        )
+
+
+def _warn_about_activations(model: nn.Module, spec: LossSpec, outputs: torch.Tensor, diagnosis: Diagnosis) -> None:
+    last = [module for module in model.modules() if not any(module.children())][-1:]
+    if spec.name == "cross_entropy" and last and isinstance(last[0], (nn.Softmax, nn.LogSoftmax)):
+        diagnosis.notes.append(
+            f"The model ends with {type(last[0]).__name__}, but cross_entropy expects raw logits (it applies "
+            "log-softmax itself): remove the last layer, or use loss='nll' after LogSoftmax."
+        )
+    if spec.name == "nll" and outputs.dim() >= 2 and outputs.shape[1] > 1:
+        total = outputs.float().exp().sum(1)
+        if bool((outputs > 1e-4).any()) or not torch.allclose(total, torch.ones_like(total), atol=1e-3):
+            diagnosis.notes.append(
+                "nll expects log-probabilities (end the model with nn.LogSoftmax(dim=1)), but the outputs are "
+                "not: use loss='cross_entropy' for raw logits."
+            )
+
+
+def _check_metrics(
+    metrics: list[Metric | ExternalMetric], spec: LossSpec | None, outputs: torch.Tensor, targets: torch.Tensor
+) -> None:
+    for metric in metrics:
+        if not isinstance(metric, (Accuracy, TopKAccuracy)):
+            continue
+        continuous = targets.is_floating_point() and not bool((targets == targets.round()).all())
+        regression = spec is not None and spec.outputs == "values"
+        binary_probabilities = spec is not None and spec.name in ("bce", "bce_with_logits")
+        if continuous and (regression or not binary_probabilities):
+            raise data_error(
+                f"{metric.name} needs class targets, but the targets are continuous values (a regression task).",
+                f"targets {describe(targets)}, e.g. {float(targets.flatten()[0]):.4g}",
+                "use metrics=['mae'], ['mse'] or ['rmse'] for regression.",
+            )
+        if isinstance(metric, TopKAccuracy) and (outputs.dim() < 2 or outputs.shape[1] < 2):
+            raise data_error(
+                f"{metric.name} needs one output per class.",
+                f"outputs {describe(outputs)}",
+                "use 'accuracy' for a single output column.",
+            )
+
+
+def _handle_single_sample_batches(model: nn.Module, batches: Batches, diagnosis: Diagnosis) -> None:
+    has_batch_norm = any(
+        isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training for module in model.modules()
+    )
+    if not has_batch_norm:
+        return
+    before = batches.num_batches
+    batches.skip_single_batches()
+    if isinstance(batches, TensorBatches) and not batches.drops_single_last:
+        return
+    note = "The model has BatchNorm, which cannot train on a batch of one sample: such batches are left out"
+    if isinstance(batches, TensorBatches):
+        note += f" (the last sample of each epoch's order; {before} -> {batches.num_batches} batches)"
+    diagnosis.notes.append(note + ".")
+
+
+def _tensors(inputs: Any) -> list[torch.Tensor]:
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    return [value for value in values if isinstance(value, torch.Tensor)]
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,67 @@
+"""How trainwell drives the user's model: calling it on a batch's inputs, and keeping the
+train/eval mode of every submodule exactly as the user left it.
+
+Owns: nothing but these conventions. Must not change weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` on a batch's inputs: ``model(*inputs)`` for a tuple, ``model(**inputs)``
+    for a dict, ``model(inputs)`` otherwise.
+
+    Example:
+        >>> call_model(nn.Identity(), torch.ones(2)).tolist()
+        [1.0, 1.0]
+    """
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
+
+
+@contextlib.contextmanager
+def preserved_modes(model: nn.Module, training: bool | None = None) -> Iterator[None]:
+    """Restore every submodule's train/eval flag on exit; optionally set the whole model's first.
+
+    Args:
+        model: The model.
+        training: ``False`` puts the model in eval mode inside; ``True`` puts a model that is in
+            eval mode in train mode (submodules a user put in eval mode inside a training model
+            stay so); None changes nothing.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(1, 1), nn.Dropout()).train()
+        >>> with preserved_modes(model, training=False):
+        ...     model[1].training
+        False
+        >>> model[1].training
+        True
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    if training is False:
+        model.eval()
+    elif training is True and not model.training:
+        model.train()
+    try:
+        yield
+    finally:
+        for module, was_training in modes:
+            module.training = was_training
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point parameters (the default dtype when it has none)."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.get_default_dtype()
