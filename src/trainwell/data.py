@@ -227,6 +227,13 @@ class LoaderBatches(_Streamed):
     def sample(self, count: int) -> Batch:
         for raw in self.iterable:
             return _to_device(split_batch(raw), self.device)
+        if getattr(self.iterable, "drop_last", False):
+            size = getattr(self.iterable, "batch_size", None)
+            raise data_error(
+                "The DataLoader yields no batches: drop_last=True drops the only, incomplete batch.",
+                f"batch_size={size}, {self.num_samples} samples, drop_last=True",
+                "use a batch_size no larger than the number of samples, or drop_last=False.",
+            )
         raise data_error("The data yielded no batches.", describe(self.iterable), "pass data with at least one sample.")
 
 
