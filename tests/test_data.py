@@ -22,7 +22,11 @@ def test_kinds_are_dispatched() -> None:
     x, y = torch.randn(10, 3), torch.arange(10)
     assert isinstance(batches_of((x, y)), TensorBatches)
     assert isinstance(batches_of(TensorDataset(x, y)), TensorBatches)  # the fast path
-    assert isinstance(batches_of(DataLoader(TensorDataset(x, y))), LoaderBatches)
+    assert isinstance(batches_of(DataLoader(TensorDataset(x, y))), TensorBatches)  # same fast path
+    subset = torch.utils.data.Subset(TensorDataset(x, y), [0, 1, 2])
+    assert isinstance(batches_of(DataLoader(subset, batch_size=2, shuffle=True)), DatasetBatches)  # rebuilt
+    custom = DataLoader(subset, sampler=torch.utils.data.WeightedRandomSampler([1.0, 1.0, 1.0], 3))
+    assert isinstance(batches_of(custom), LoaderBatches)  # used as given
     assert isinstance(batches_of([(x, y)] * 3), LoaderBatches)
     assert isinstance(batches_of(torch.utils.data.Subset(TensorDataset(x, y), [0, 1])), DatasetBatches)
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import trainwell as tw
 from trainwell.data import to_batches
@@ -80,7 +80,7 @@ def test_one_based_labels_are_explained() -> None:
 
 def test_labels_of_streamed_data_are_checked_on_the_first_batch() -> None:
     x, y = blobs()
-    loader = DataLoader(TensorDataset(x, y * 2), batch_size=32)
+    loader = DataLoader(Subset(TensorDataset(x, y * 2), range(300)), batch_size=32)  # not in memory: streamed
     unchanged_after_error(make_mlp(), tw.DataError, "labels from 0 to 4 in the first samples", train=loader,
                           loss="cross_entropy")  # fmt: skip
 
@@ -164,7 +164,7 @@ def test_features_are_cast_to_the_models_dtype(dtype: torch.dtype) -> None:
     x, y = blobs()
     x = x.round().to(dtype)
     model = make_mlp()
-    loader = DataLoader(TensorDataset(x, y), batch_size=50)  # streamed: repaired per batch
+    loader = DataLoader(Subset(TensorDataset(x, y), range(300)), batch_size=50)  # streamed: repaired per batch
     history, notes = frozen_fit(model, loader, loss="cross_entropy")
     with torch.no_grad():
         expected = functional.cross_entropy(model(x.float()), y).item()
@@ -199,7 +199,7 @@ def test_nan_in_streamed_data_stops_at_the_first_non_finite_loss() -> None:
     model = make_mlp()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        history = tw.fit(model, DataLoader(TensorDataset(x, y), batch_size=100), loss="cross_entropy", epochs=3,
+        history = tw.fit(model, DataLoader(Subset(TensorDataset(x, y), range(300)), batch_size=100), loss="cross_entropy", epochs=3,
                          progress=False)  # fmt: skip
     assert history.epochs == 1
     assert any("epoch 1, batch 3" in str(warning.message) for warning in caught)

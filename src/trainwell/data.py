@@ -7,13 +7,24 @@ converting arrays, validation splits, and the shuffled order, which is a functio
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    TensorDataset,
+    default_collate,
+    get_worker_info,
+)
 
 from trainwell.errors import config_error, data_error, describe
 
@@ -103,7 +114,7 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
         >>> torch.equal(epoch_order(10, seed=1, epoch=3), epoch_order(10, seed=1, epoch=3))
         True
     """
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+    generator = torch.Generator().manual_seed(_mix(seed, epoch))
     return torch.randperm(num_samples, generator=generator)
 
 
@@ -119,11 +130,22 @@ class TensorBatches:
         self.num_samples: int | None = len(data)
         self.num_batches: int | None = -(-len(data) // batch_size)
         self.drops_single_last = False
+        self._drop_last = False
+
+    @property
+    def drop_last(self) -> bool:
+        """Whether an incomplete last batch is left out."""
+        return self._drop_last
+
+    @drop_last.setter
+    def drop_last(self, value: bool) -> None:
+        self._drop_last = value
+        self.num_batches = len(self.data) // self.batch_size if value else -(-len(self.data) // self.batch_size)
 
     def for_epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         total = len(self.data)
         order = epoch_order(total, self.seed, epoch) if self.shuffle else None
-        end = total - 1 if self.drops_single_last else total
+        end = total - total % self.batch_size if self._drop_last else total - 1 if self.drops_single_last else total
         for start in range(skip * self.batch_size, end, self.batch_size):
             stop = min(start + self.batch_size, end)
             index = slice(start, stop) if order is None else order[start:stop]
@@ -166,7 +188,16 @@ class _Streamed:
 
 
 class DatasetBatches(_Streamed):
-    """A map-style Dataset, read through a DataLoader whose order comes from ``epoch_order``."""
+    """A map-style Dataset, read through a DataLoader whose order comes from ``epoch_order``.
+
+    Workers' random numbers are reseeded per sample from (seed, epoch, position), so random
+    augmentation is the same whichever worker loads a sample, and after a mid-epoch resume.
+
+    Args:
+        loader_options: Further DataLoader arguments (``num_workers``, ``collate_fn``,
+            ``pin_memory``, ``worker_init_fn``, ...), e.g. those of a DataLoader the user built.
+        drop_last: Leave out an incomplete last batch.
+    """
 
     def __init__(
         self,
@@ -176,7 +207,8 @@ class DatasetBatches(_Streamed):
         shuffle: bool,
         seed: int,
         device: torch.device,
-        num_workers: int = 0,
+        drop_last: bool = False,
+        loader_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.dataset = dataset
@@ -184,27 +216,60 @@ class DatasetBatches(_Streamed):
         self.shuffle = shuffle
         self.seed = seed
         self.device = device
-        self.num_workers = num_workers
-        self.num_samples: int | None = len(dataset)  # type: ignore[arg-type]
-        self.num_batches: int | None = -(-len(dataset) // batch_size)  # type: ignore[arg-type]
+        self.drop_last = drop_last
+        self.loader_options = {"pin_memory": device.type == "cuda", **(loader_options or {})}
+        total = len(dataset)  # type: ignore[arg-type]
+        self.num_samples: int | None = total
+        self.num_batches: int | None = total // batch_size if drop_last else -(-total // batch_size)
 
-    def _loader(self, indices: Sequence[int]) -> DataLoader[Any]:
+    def _loader(self, keys: Sequence[Any], epoch: int) -> DataLoader[Any]:
+        generator = torch.Generator().manual_seed(_mix(self.seed, epoch))  # not torch's global generator
         return DataLoader(
-            self.dataset,
+            _SeededSamples(self.dataset),
             batch_size=self.batch_size,
-            sampler=indices,
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
+            sampler=keys,
+            drop_last=self.drop_last,
+            generator=generator,
+            **self.loader_options,
         )
 
     def for_epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         total = len(self.dataset)  # type: ignore[arg-type]
         order = epoch_order(total, self.seed, epoch).tolist() if self.shuffle else list(range(total))
-        yield from self._deliver(self._loader(order[skip * self.batch_size :]))
+        base = _mix(self.seed, epoch)
+        keys = [(index, _mix(base, position)) for position, index in enumerate(order)]
+        yield from self._deliver(self._loader(keys[skip * self.batch_size :], epoch))
 
     def sample(self, count: int) -> Batch:
-        indices = list(range(min(count, len(self.dataset))))  # type: ignore[arg-type]
-        return _to_device(split_batch(next(iter(self._loader(indices)))), self.device)
+        keys = [(index, index) for index in range(min(count, len(self.dataset)))]  # type: ignore[arg-type]
+        options = {key: value for key, value in self.loader_options.items() if key != "num_workers"}
+        loader = DataLoader(_SeededSamples(self.dataset), batch_size=len(keys), sampler=keys, **options)
+        return _to_device(split_batch(next(iter(loader))), self.device)
+
+
+class _SeededSamples(Dataset[Any]):
+    """Reads ``dataset[index]`` for keys ``(index, seed)``; in a worker process it first seeds
+    torch, random and numpy with ``seed`` (in the main process the run's own random stream,
+    which checkpoints capture, is left alone)."""
+
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        if get_worker_info() is not None:
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+        return self.dataset[index]
+
+
+def _mix(seed: int, value: int) -> int:
+    """A 63-bit seed derived from two integers."""
+    return (seed * 6364136223846793005 + value * 1442695040888963407 + 1) % (2**63)
 
 
 class LoaderBatches(_Streamed):
@@ -228,12 +293,7 @@ class LoaderBatches(_Streamed):
         for raw in self.iterable:
             return _to_device(split_batch(raw), self.device)
         if getattr(self.iterable, "drop_last", False):
-            size = getattr(self.iterable, "batch_size", None)
-            raise data_error(
-                "The DataLoader yields no batches: drop_last=True drops the only, incomplete batch.",
-                f"batch_size={size}, {self.num_samples} samples, drop_last=True",
-                "use a batch_size no larger than the number of samples, or drop_last=False.",
-            )
+            raise _dropped_everything(getattr(self.iterable, "batch_size", None), self.num_samples)
         raise data_error("The data yielded no batches.", describe(self.iterable), "pass data with at least one sample.")
 
 
@@ -288,7 +348,7 @@ def to_batches(
     if isinstance(data, DataLoader):
         if _optional_len(data.dataset) == 0:
             raise data_error("The DataLoader's dataset is empty.", describe(data.dataset), "pass at least one sample.")
-        return LoaderBatches(data, device=device)
+        return _from_loader(data, seed=seed, device=device, dtype=dtype)
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         if len(data) == 0:
             raise data_error("The dataset is empty.", describe(data), "pass at least one sample.")
@@ -302,6 +362,58 @@ def to_batches(
             )
         return LoaderBatches(data, device=device)
     raise config_error("Unsupported kind of data.", describe(data), f"pass {ACCEPTED}.")
+
+
+def _dropped_everything(batch_size: int | None, samples: int | None) -> Exception:
+    return data_error(
+        "The DataLoader yields no batches: drop_last=True drops the only, incomplete batch.",
+        f"batch_size={batch_size}, {samples} samples, drop_last=True",
+        "use a batch_size no larger than the number of samples, or drop_last=False.",
+    )
+
+
+def _from_loader(loader: DataLoader[Any], *, seed: int, device: torch.device, dtype: torch.dtype) -> Batches:
+    """A DataLoader with a plain random or sequential sampler is rebuilt on its dataset, so that
+    its order is a function of (seed, epoch) (exact resume without replaying data); a
+    TensorDataset with the default collate takes the in-memory fast path. Other loaders
+    (custom samplers, iterable datasets) are used as given."""
+    sampler = loader.sampler
+    standard = type(sampler) in (RandomSampler, SequentialSampler) and loader.batch_size is not None
+    if not standard or isinstance(loader.dataset, IterableDataset) or not hasattr(loader.dataset, "__len__"):
+        return LoaderBatches(loader, device=device)
+    shuffle = isinstance(sampler, RandomSampler)
+    assert loader.batch_size is not None
+    in_memory = as_in_memory(loader.dataset, dtype) if loader.collate_fn is default_collate else None
+    if in_memory is not None:
+        batches = TensorBatches(in_memory, batch_size=loader.batch_size, shuffle=shuffle, seed=seed, device=device)
+        batches.drop_last = loader.drop_last
+        if batches.num_batches == 0:
+            raise _dropped_everything(loader.batch_size, len(in_memory))
+        return batches
+    options = {
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "worker_init_fn": loader.worker_init_fn,
+        "timeout": loader.timeout,
+    }
+    if loader.num_workers:
+        options |= {
+            "prefetch_factor": loader.prefetch_factor,
+            "multiprocessing_context": loader.multiprocessing_context,
+        }
+    rebuilt = DatasetBatches(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        device=device,
+        drop_last=loader.drop_last,
+        loader_options=options,
+    )
+    if rebuilt.num_batches == 0:
+        raise _dropped_everything(loader.batch_size, rebuilt.num_samples)
+    return rebuilt
 
 
 def as_in_memory(data: Any, dtype: torch.dtype) -> InMemory | None:
