@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -190,3 +192,27 @@ def test_evaluate_rejects_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     result = trainwell("evaluate", tmp_path)
     assert result.returncode == 2
     assert "is not a trainwell run folder" in result.stderr
+
+
+def test_sigterm_keeps_the_partial_run_and_resume_finishes_it_identically(tmp_path: Path) -> None:
+    arguments = ["train", "--data", "digits", "--epochs", "40", "--seed", "5"]
+    golden = trainwell(*arguments, "--out", tmp_path / "golden")
+    assert golden.returncode == 0, golden.stderr
+    run = tmp_path / "run"
+    process = subprocess.Popen([COMMAND, *arguments, "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    manifest = tmp_path / ".run.partial" / "checkpoints" / "manifest.json"
+    deadline = time.monotonic() + 120
+    while not manifest.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert f"trainwell train --out {run} --resume" in stderr
+    assert not run.exists() and (tmp_path / ".run.partial" / "config.toml").is_file()
+    resumed = trainwell("train", "--out", run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (run / "history.csv").read_text() == (tmp_path / "golden" / "history.csv").read_text()
+    assert not (run / "checkpoints").exists() and not (tmp_path / ".run.partial").exists()
+    again = trainwell("train", "--out", run, "--resume")
+    assert again.returncode == 0 and "Nothing to resume" in again.stdout

@@ -12,13 +12,17 @@ LAYERS = [
     {"__init__", "__main__", "cli", "datasets", "lr_finder", "summary"},
     {"api"},
     {"loop", "doctor"},
-    {"progress", "checkpoint", "callbacks"},
+    {"progress", "checkpoint", "resume", "callbacks"},
     {"run", "history"},
     {"data", "losses", "metrics", "models", "optimizers", "precision", "distributed", "plots"},
     {"errors"},
 ]
-# Within the built-in hooks layer, the others may import the Callback base; the Run holds the History.
-ALLOWED_SIBLINGS = {("progress", "callbacks"), ("checkpoint", "callbacks"), ("run", "history")}
+# Within the built-in hooks layer, the others may import the Callback base, and resume writes files
+# through checkpoint's atomic writer; the Run holds the History.
+ALLOWED_SIBLINGS = {
+    ("progress", "callbacks"), ("checkpoint", "callbacks"), ("resume", "callbacks"), ("resume", "checkpoint"),
+    ("run", "history"),
+}  # fmt: skip
 
 
 def layer_of(module: str) -> int:
@@ -71,6 +75,7 @@ def test_public_names() -> None:
     assert set(trainwell.__all__) == {
         "CSVLogger", "Callback", "ConfigError", "DataError", "EarlyStopping", "History", "LRFinderResult",
         "LRScheduler", "LambdaCallback", "ModelCheckpoint", "ModelSummary", "Run", "TensorBoard", "TerminateOnNaN",
+        "TrainingInterrupted", "TrainwellWarning",
         "TrainwellError", "__version__", "compute_loss", "evaluate", "find_lr", "fit", "load_weights",
         "optimizer_step", "plot_confusion_matrix", "predict", "save_weights", "summary", "train_step",
     }  # fmt: skip

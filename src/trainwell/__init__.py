@@ -17,7 +17,7 @@ from trainwell.callbacks import (
     TerminateOnNaN,
 )
 from trainwell.checkpoint import ModelCheckpoint, load_weights, save_weights
-from trainwell.errors import ConfigError, DataError, TrainwellError
+from trainwell.errors import ConfigError, DataError, TrainingInterrupted, TrainwellError, TrainwellWarning
 from trainwell.history import History
 from trainwell.loop import compute_loss, optimizer_step, train_step
 from trainwell.lr_finder import LRFinderResult, find_lr
@@ -41,7 +41,9 @@ __all__ = [
     "Run",
     "TensorBoard",
     "TerminateOnNaN",
+    "TrainingInterrupted",
     "TrainwellError",
+    "TrainwellWarning",
     "__version__",
     "compute_loss",
     "evaluate",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
@@ -33,6 +34,7 @@ from trainwell.models import float_dtype, preserved_modes
 from trainwell.optimizers import build_optimizer
 from trainwell.precision import PrecisionName, build_precision
 from trainwell.progress import ProgressDisplay, choose_mode
+from trainwell.resume import Checkpointer, check_writable, differences, fingerprint, load_checkpoint, nothing_left
 from trainwell.run import Run, StepFn
 
 MetricArg = str | MetricFn | Metric | ExternalMetric
@@ -62,6 +64,9 @@ def fit(
     class_weight: Mapping[int, float] | Sequence[float] | torch.Tensor | None = None,
     terminate_on_nan: bool | Literal["auto"] = "auto",
     step: StepFn | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool | Literal["auto"] | str | Path = False,
     device: str | torch.device = "auto",
     progress: Progress = "auto",
     seed: int | None = None,
@@ -109,6 +114,14 @@ def fit(
         terminate_on_nan: Stop before a non-finite loss changes the weights. ``"auto"`` checks on
             the CPU, where it is free, not on GPUs, where it would read a value every step.
         step: A custom training step ``step(run, batch)`` (see ``trainwell.train_step``).
+        checkpoint_dir: Save the full training state here at the end of every epoch (atomically;
+            the last two complete checkpoints are kept). Checked for writing before training.
+        checkpoint_every: Also save every this many optimizer steps (mid-epoch).
+        resume: ``True`` continues from the newest intact checkpoint in ``checkpoint_dir`` (an
+            error if there is none), ``"auto"`` does so when there is one and starts fresh
+            otherwise, a path names a checkpoint file or folder. The continuation is exact: the
+            same final weights as an uninterrupted run. Ctrl-C or SIGTERM with ``checkpoint_dir``
+            finishes the step, saves, and raises ``TrainingInterrupted``.
         device: ``"auto"`` (cuda, else mps, else cpu), or any torch device or string.
         progress: ``"auto"`` (a live line in a terminal, a widget in a notebook, one line per
             epoch in logs), True (always the live line), or False (print nothing).
@@ -148,6 +161,7 @@ def fit(
         clip_grad_value=clip_grad_value,
         step=step,
     )
+    directory, state = _checkpointing(checkpoint_dir, checkpoint_every, resume)
     target = _resolve_device(device)
     spec = resolve_loss(loss)
     if class_weight is not None:
@@ -155,11 +169,7 @@ def fit(
     train_metrics = _resolve_metrics(metrics, spec)
     val_metrics = _resolve_metrics(metrics, spec)
     mixed = build_precision(precision, target)
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, ()).item())
-    else:
-        _check_count("seed", seed, minimum=0)
-        torch.manual_seed(seed)
+    seed = _resolve_seed(seed, state)
     dtype = float_dtype(model)
     if val_split:
         train, val = split_validation(train, val_split, seed, dtype)
@@ -183,6 +193,8 @@ def fit(
         added.append(_scheduler_callback(scheduler, epochs, steps, val_batches is not None))
     if terminate_on_nan is True or (terminate_on_nan == "auto" and target.type == "cpu"):
         added.append(TerminateOnNaN())
+    if directory is not None or state is not None:
+        added.append(Checkpointer(directory, checkpoint_every, state))
     everything = [*callbacks, *added, *_display(progress)]
     keys = Tally(train_metrics).keys + (Tally(val_metrics, prefix="val_").keys if val_batches is not None else [])
     _check_monitors(everything, keys)
@@ -207,10 +219,84 @@ def fit(
         clip_grad_norm=clip_grad_norm,
         clip_grad_value=clip_grad_value,
     )
+    if state is not None and _already_done(run, state):
+        return run.history
     built_optimizer.zero_grad(set_to_none=True)
     with preserved_modes(model, training=True):
         loop.fit_loop(run)
     return run.history
+
+
+def _resolve_seed(seed: int | None, state: dict[str, Any] | None) -> int:
+    """The run's seed: a resumed run's own (its data order and val_split), the given one (which
+    also seeds torch's generator), or one drawn from torch's generator."""
+    if state is not None:
+        return int(state["seed"])
+    if seed is None:
+        return int(torch.randint(0, 2**62, ()).item())
+    _check_count("seed", seed, minimum=0)
+    torch.manual_seed(seed)
+    return seed
+
+
+def _checkpointing(
+    checkpoint_dir: str | Path | None, checkpoint_every: int | None, resume: bool | str | Path
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checked checkpoint folder, and the state to resume from (None for a fresh start)."""
+    directory = None if checkpoint_dir is None else Path(checkpoint_dir)
+    if directory is not None:
+        check_writable(directory)
+    if checkpoint_every is not None:
+        _check_count("checkpoint_every", checkpoint_every)
+        if directory is None:
+            raise config_error(
+                "checkpoint_every needs checkpoint_dir.",
+                f"checkpoint_every={checkpoint_every}",
+                "pass checkpoint_dir=PATH.",
+            )
+    return directory, _find_resume_state(resume, directory)
+
+
+def _already_done(run: Run, state: dict[str, Any]) -> bool:
+    """Refuse a checkpoint of another setup; for a finished run, load its result and say so."""
+    changed = differences(state["fingerprint"], fingerprint(run))
+    if changed:
+        raise config_error(
+            "The checkpoint was written by a different training setup; resuming would not continue it.",
+            "; ".join(changed),
+            "resume with the same model, optimizer, batch size and data, or start afresh (resume=False).",
+        )
+    done = nothing_left(state, run.epochs)
+    if done is None:
+        return False
+    run.module.load_state_dict(state["model"])
+    run.history.load_state_dict(state["history"])
+    _say([done])
+    return True
+
+
+def _find_resume_state(resume: bool | str | Path, directory: Path | None) -> dict[str, Any] | None:
+    if resume is False:
+        return None
+    if resume is True or resume == "auto":
+        if directory is None:
+            raise config_error(
+                "resume needs checkpoint_dir (or a checkpoint path).", f"resume={resume!r}", "pass checkpoint_dir=PATH."
+            )
+        source = directory
+    else:
+        source = Path(resume)
+    found = load_checkpoint(source) if source.exists() else None
+    if found is not None:
+        return found[0]
+    if resume == "auto":
+        _say([f"No checkpoint to resume in {source}: starting from the beginning."])
+        return None
+    raise config_error(
+        "There is no intact checkpoint to resume from.",
+        f"resume={resume!r}, looked in {source}",
+        "check the path, or pass resume='auto' to start afresh when there is none.",
+    )
 
 
 def _check_fit_arguments(

@@ -203,12 +203,18 @@ class EarlyStopping(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """Best value, epochs waited and best epoch (for resuming)."""
-        return {"monitor": self.tracker.state_dict(), "wait": self.wait, "best_epoch": self.best_epoch}
+        return {
+            "monitor": self.tracker.state_dict(),
+            "wait": self.wait,
+            "best_epoch": self.best_epoch,
+            "best_weights": self.best_weights,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict``."""
         self.tracker.load_state_dict(state["monitor"])
         self.wait, self.best_epoch = int(state["wait"]), int(state["best_epoch"])
+        self.best_weights = state["best_weights"]
 
 
 class TerminateOnNaN(Callback):
@@ -323,7 +329,7 @@ class LRScheduler(Callback):
 
     def on_epoch_start(self, run: Run) -> None:
         assert run.optimizer is not None
-        run.extra_logs["lr"] = float(run.optimizer.param_groups[0]["lr"])
+        run.extra_logs.setdefault("lr", float(run.optimizer.param_groups[0]["lr"]))  # kept when resumed mid-epoch
 
     def _after_batch(self, run: Run) -> None:
         if run.global_step != self.last_step:

@@ -7,9 +7,10 @@ runs no code), and removing wrapper prefixes (``module.``, ``_orig_mod.``) from 
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
-import tempfile
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,25 +41,33 @@ def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` so that a crash leaves either the old file or the new one.
+    """``torch.save`` to ``path`` so that a crash leaves either the old file or the new one."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write(buffer.getvalue(), path)
+
+
+def atomic_write(data: bytes, path: str | Path) -> Path:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
 
     Writes a temporary file in the same folder, fsyncs it, renames it over ``path`` and fsyncs
     the folder. On failure the temporary file is removed and the old file is untouched.
 
     Raises:
-        OSError: The write failed; the message names the path.
+        OSError: The write failed (disk full, no permission); the message names the path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
         with os.fdopen(descriptor, "wb") as file:
-            torch.save(obj, file)
+            file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         if isinstance(error, OSError):
             raise OSError(error.errno, f"could not write {path}: {error.strerror}") from error
         raise

@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 import tomllib
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a model and write a run folder", argument_default=argparse.SUPPRESS
     )
     train.add_argument("--config", help="a TOML file of options; flags override it")
+    train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     for name, option in TRAIN_OPTIONS.items():
         train.add_argument(f"--{name.replace('_', '-')}", type=option.kind, choices=option.choices, help=option.help)
     train.set_defaults(handler=run_train)
@@ -129,12 +131,15 @@ def one_line(message: str) -> str:
     return " ".join(f"({part})" if part.startswith("received:") else part for part in parts)
 
 
-def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Defaults, then the config file, then the flags given on the command line."""
+def resolve_options(args: argparse.Namespace, resuming: bool = False) -> dict[str, Any]:
+    """Defaults, then the config file, then the flags given on the command line. When resuming
+    without --config, the interrupted run's own config is the file."""
     options = {name: option.default for name, option in TRAIN_OPTIONS.items()}
     given = vars(args)
     if "config" in given:
         options |= _read_config(Path(given["config"]))
+    elif resuming and "out" in given and (_partial(Path(given["out"])) / CONFIG_FILE).is_file():
+        options |= _read_config(_partial(Path(given["out"])) / CONFIG_FILE)
     options |= {name: value for name, value in given.items() if name in TRAIN_OPTIONS}
     return options
 
@@ -163,7 +168,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 def _write_config(options: dict[str, Any], path: Path) -> None:
     lines = ["# trainwell train options; re-run with: trainwell train --config " + CONFIG_FILE]
     for name, value in options.items():
-        if value is None or name == "out":
+        if value is None or name in ("out", "resume"):
             continue
         lines.append(f"{name} = {json.dumps(value)}")
     path.write_text("\n".join(lines) + "\n")
@@ -227,8 +232,13 @@ def _metrics(options: dict[str, Any], table: Table) -> list[str]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """``trainwell train``: train with the live display, test, and write the run folder."""
-    options = resolve_options(args)
+    """``trainwell train``: train with the live display, test, and write the run folder.
+
+    The run is written under ``.<name>.partial`` with a checkpoint every epoch, and renamed when
+    complete. Ctrl-C or SIGTERM saves and keeps the partial folder; ``--resume`` continues it.
+    """
+    resuming = bool(getattr(args, "resume", False))
+    options = resolve_options(args, resuming=resuming)
     table = load_table(options["data"], target=options["target"], task=options["task"])
     if options["seed"] is None:
         options["seed"] = int.from_bytes(os.urandom(3), "big")
@@ -238,12 +248,15 @@ def run_train(args: argparse.Namespace) -> int:
     scaler = Scaler.fit(train.features)
     spec = model_spec(table, options) | {"mean": scaler.mean.tolist(), "std": scaler.std.tolist()}
     options |= {"loss": spec["loss"], "metrics": ",".join(_metrics(options, table))}
-    folder = _new_run_folder(options)
+    folder = _run_folder(options, resuming)
+    if folder is None:
+        return 0
     torch.manual_seed(seed)
     model = build_model(spec)
-    temporary = folder.with_name(f".{folder.name}.partial")
+    temporary = _partial(folder)
     created = [parent for parent in reversed(temporary.parents) if not parent.exists()]
-    temporary.mkdir(parents=True)
+    temporary.mkdir(parents=True, exist_ok=resuming)
+    _write_config(options, temporary / CONFIG_FILE)
     try:
         started = time.perf_counter()
         history = trainwell.fit(
@@ -258,20 +271,51 @@ def run_train(args: argparse.Namespace) -> int:
             metrics=_metrics(options, table),
             device=options["device"],
             seed=seed,
+            checkpoint_dir=temporary / "checkpoints",
+            resume="auto" if resuming else False,
         )
         seconds = time.perf_counter() - started
         results = _score(model, test or train, spec, _metrics(options, table), options["device"])
         print(f"\nTrained in {seconds:.1f}s. " + ("Test results" if test else "Training-set results (no test split)"))
         _print_results(results, spec)
         _write_run(temporary, model, spec, options, history, results, test or train)
+        shutil.rmtree(temporary / "checkpoints")
         temporary.rename(folder)
+    except KeyboardInterrupt as interrupt:
+        number = getattr(interrupt, "signal_number", signal.SIGINT)
+        print(
+            f"\ntrainwell: interrupted ({signal.Signals(number).name}); the run is saved in {temporary}. "
+            f"Continue it with: trainwell train --out {folder} --resume",
+            file=sys.stderr,
+        )
+        return 128 + number
     except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        for parent in reversed(created):
-            parent.rmdir()  # folders this run created for itself (e.g. runs/), left empty
+        if not resuming:  # a resumed run's folder holds earlier work: never delete it
+            shutil.rmtree(temporary, ignore_errors=True)
+            for parent in reversed(created):
+                parent.rmdir()  # folders this run created for itself (e.g. runs/), left empty
         raise
     print(f"\nRun folder: {folder}")
     return 0
+
+
+def _partial(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.partial")
+
+
+def _run_folder(options: dict[str, Any], resuming: bool) -> Path | None:
+    """The final run folder; None (after saying so) when a resumed run had already finished."""
+    if not resuming:
+        return _new_run_folder(options)
+    if not options["out"]:
+        raise config_error("--resume needs the run folder to continue.", "no --out", "pass --out RUN_FOLDER --resume.")
+    folder = Path(options["out"])
+    if (folder / MODEL_FILE).is_file():
+        print(f"Nothing to resume: {folder} is a finished run.")
+        return None
+    if not _partial(folder).is_dir():
+        print(f"No interrupted run at {folder}: starting it from the beginning.")
+    return folder
 
 
 def _new_run_folder(options: dict[str, Any]) -> Path:

@@ -242,7 +242,8 @@ class DatasetBatches(_Streamed):
 
     def sample(self, count: int) -> Batch:
         keys = [(index, index) for index in range(min(count, len(self.dataset)))]  # type: ignore[arg-type]
-        options = {key: value for key, value in self.loader_options.items() if key != "num_workers"}
+        worker_only = ("num_workers", "prefetch_factor", "multiprocessing_context")
+        options = {key: value for key, value in self.loader_options.items() if key not in worker_only}
         loader = DataLoader(_SeededSamples(self.dataset), batch_size=len(keys), sampler=keys, **options)
         return _to_device(split_batch(next(iter(loader))), self.device)
 

@@ -28,6 +28,18 @@ class DataError(TrainwellError):
     """The data, or the model's outputs against the targets, break the loss's contract."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during ``fit``: raised after the current step, once a checkpoint is saved.
+
+    Attributes:
+        signal_number: The signal received (``signal.SIGINT`` or ``signal.SIGTERM``).
+    """
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
 class TrainwellWarning(UserWarning):
     """A repair trainwell made to the input (a cast, a reshape) or a likely mistake it noticed."""
 

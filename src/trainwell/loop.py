@@ -61,8 +61,9 @@ def train_epoch(run: Run) -> None:
     """One pass over the training batches of ``run.epoch``, after ``run.batches_done`` of them."""
     assert run.train_batches is not None and run.step is not None
     run.phase = "train"
-    run.train_tally.reset(run.device)
-    run.extra_logs = {}
+    if run.batches_done == 0:  # otherwise a resumed epoch: its sums and logs were restored
+        run.train_tally.reset(run.device)
+        run.extra_logs = {}
     run.callbacks.fire("on_epoch_start", run)
     for batch in run.train_batches.for_epoch(run.epoch, skip=run.batches_done):
         run.batch = batch

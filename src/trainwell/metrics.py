@@ -273,6 +273,21 @@ class Tally:
         for metric in self.metrics:
             metric.update(outputs, targets)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The running sums (for a mid-epoch checkpoint); torchmetrics objects are not included."""
+        return {
+            "loss_total": self.loss_total.detach().cpu(),
+            "samples": self.samples,
+            "metrics": [(metric.total.detach().cpu(), metric.count) for metric in self.builtin],
+        }
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        """Restore ``state_dict`` onto ``device``."""
+        self.loss_total = state["loss_total"].to(device)
+        self.samples = int(state["samples"])
+        for metric, (total, count) in zip(self.builtin, state["metrics"], strict=True):
+            metric.total, metric.count = total.to(device), int(count)
+
     def read(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
         """The pass's averages so far, keyed by log name.
 

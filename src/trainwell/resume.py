@@ -1,0 +1,300 @@
+"""Crash-safe training checkpoints and exact resume, mid-epoch included.
+
+Owns: the training-state format (state dicts, counters, History, running sums, callback
+states and random states, with a format version), the manifest that marks checkpoints
+complete (with a content hash), keeping the last two, falling back past damaged ones, and
+turning Ctrl-C / SIGTERM into "finish the step, save, stop". Files load with
+``weights_only=True``: no code runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import signal
+import threading
+import warnings
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainwell.callbacks import Callback
+from trainwell.checkpoint import atomic_write, clean_state_dict, safe_load
+from trainwell.errors import DataError, TrainingInterrupted, TrainwellWarning, config_error
+from trainwell.run import Run
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+KEEP = 2
+
+
+def check_writable(directory: Path) -> None:
+    """Raise ``ConfigError`` unless checkpoints can be written to ``directory`` (before training)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".trainwell-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise config_error(
+            "The checkpoint folder is not writable.",
+            f"checkpoint_dir={str(directory)!r}: {error.strerror or error}",
+            "pass a folder you can write to, or fix its permissions.",
+        ) from None
+
+
+def training_state(run: Run, *, epoch: int, batches_done: int) -> dict[str, Any]:
+    """Everything needed to continue ``run`` exactly where it is (at an optimizer-step boundary):
+    at ``batches_done`` batches into ``epoch``."""
+    assert run.optimizer is not None
+    return {
+        "format": FORMAT_VERSION,
+        "model": {key: value.detach().cpu() for key, value in clean_state_dict(run.module.state_dict()).items()},
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.precision.scaler.state_dict(),
+        "callbacks": {
+            _callback_key(index, callback): callback.state_dict()  # type: ignore[attr-defined]
+            for index, callback in enumerate(_callbacks(run))
+            if callable(getattr(callback, "state_dict", None))
+        },
+        "epoch": epoch,
+        "batches_done": batches_done,
+        "global_step": run.global_step,
+        "stopped": run.stop_training,
+        "seed": run.seed,
+        "history": run.history.state_dict(),
+        "tally": run.train_tally.state_dict(),
+        "extra_logs": dict(run.extra_logs),
+        "random": _random_states(),
+        "fingerprint": fingerprint(run),
+    }
+
+
+def fingerprint(run: Run) -> dict[str, Any]:
+    """What must not change between a run and its resumption."""
+    assert run.optimizer is not None and run.train_batches is not None
+    return {
+        "parameters": {key: list(value.shape) for key, value in clean_state_dict(run.module.state_dict()).items()},
+        "optimizer": type(run.optimizer).__name__,
+        "batch_size": getattr(run.train_batches, "batch_size", None),
+        "samples": run.train_batches.num_samples,
+        "grad_accum_steps": run.grad_accum_steps,
+    }
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints (empty when resuming is safe)."""
+    found = []
+    if saved["parameters"] != current["parameters"]:
+        before = {key: tuple(shape) for key, shape in saved["parameters"].items()}
+        now = {key: tuple(shape) for key, shape in current["parameters"].items()}
+        changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
+        shown = ", ".join(f"{key} {before.get(key, 'absent')} -> {now.get(key, 'absent')}" for key in changed[:4])
+        found.append(f"model architecture ({shown})")
+    for key, label in (("optimizer", "optimizer"), ("batch_size", "batch size"), ("samples", "dataset size"),
+                       ("grad_accum_steps", "grad_accum_steps")):  # fmt: skip
+        if saved[key] != current[key]:
+            found.append(f"{label}: {saved[key]} in the checkpoint, {current[key]} now")
+    return found
+
+
+def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` as a new checkpoint, then the manifest that marks it complete; keep the
+    newest ``KEEP``. A failure leaves the previous checkpoints and manifest as they were.
+
+    Raises:
+        OSError: Writing failed; the message names the path and the OS error.
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    name = f"checkpoint-{state['global_step']:010d}-{state['epoch']:05d}-{state['batches_done']:07d}.pt"
+    atomic_write(data, directory / name)
+    entry = {key: state[key] for key in ("epoch", "batches_done", "global_step", "stopped")}
+    entry |= {"file": name, "sha256": hashlib.sha256(data).hexdigest()}
+    kept = [entry, *[old for old in _manifest_entries(directory) if old["file"] != name][: KEEP - 1]]
+    atomic_write(json.dumps({"format": FORMAT_VERSION, "checkpoints": kept}, indent=1).encode(), directory / MANIFEST)
+    names = {item["file"] for item in kept}
+    for stale in directory.glob("checkpoint-*.pt"):
+        if stale.name not in names:
+            stale.unlink(missing_ok=True)
+    return directory / name
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], Path] | None:
+    """The newest complete, intact checkpoint in a folder (or the given file).
+
+    A damaged one (missing, truncated, hash mismatch, unreadable) is skipped with a warning
+    naming it, and the previous one is tried.
+
+    Returns:
+        (state, file), or None when the folder holds no usable checkpoint.
+    """
+    if path.is_file():
+        return _read(path, None), path
+    for entry in _manifest_entries(path):
+        file = path / entry["file"]
+        try:
+            return _read(file, entry["sha256"]), file
+        except DataError as error:
+            warnings.warn(f"Skipping checkpoint {file}: {error}", TrainwellWarning, stacklevel=3)
+    return None
+
+
+def _read(file: Path, sha256: str | None) -> dict[str, Any]:
+    if not file.is_file():
+        raise DataError(f"{file} is missing")
+    if sha256 is not None and hashlib.sha256(file.read_bytes()).hexdigest() != sha256:
+        raise DataError("its content does not match the hash recorded when it was written (damaged or truncated)")
+    try:
+        state = safe_load(file)
+    except DataError:
+        raise
+    except Exception as error:  # a truncated or garbled zip archive: any reader error means unusable
+        raise DataError(f"unreadable ({type(error).__name__}: {str(error)[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise DataError(f"not a trainwell checkpoint of format {FORMAT_VERSION}")
+    return state
+
+
+def _manifest_entries(directory: Path) -> list[dict[str, Any]]:
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return []
+    try:
+        entries = json.loads(manifest.read_text())["checkpoints"]
+        return [entry for entry in entries if {"file", "sha256"} <= set(entry)]
+    except (ValueError, KeyError, TypeError):
+        warnings.warn(f"Ignoring the damaged checkpoint manifest {manifest}.", TrainwellWarning, stacklevel=3)
+        return []
+
+
+def restore(run: Run, state: dict[str, Any]) -> None:
+    """Put ``run`` (model, optimizer, scaler, callbacks, counters, sums, random states) back into
+    the saved state."""
+    assert run.optimizer is not None
+    run.module.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.precision.scaler.load_state_dict(state["scaler"])
+    saved = state["callbacks"]
+    for index, callback in enumerate(_callbacks(run)):
+        key = _callback_key(index, callback)
+        if key in saved and callable(getattr(callback, "load_state_dict", None)):
+            callback.load_state_dict(saved[key])  # type: ignore[attr-defined]
+    run.epoch, run.start_epoch = state["epoch"], state["epoch"]
+    run.batches_done, run.global_step = state["batches_done"], state["global_step"]
+    run.history.load_state_dict(state["history"])
+    if run.batches_done:
+        run.train_tally.load_state_dict(state["tally"], run.device)
+        run.extra_logs = dict(state["extra_logs"])
+    _set_random_states(state["random"])
+
+
+class Checkpointer(Callback):
+    """Saves the training state at the end of every epoch and every ``every_n_steps`` optimizer
+    steps; restores a saved state at the start of ``fit``; turns Ctrl-C / SIGTERM into "finish
+    the current step, save, raise ``TrainingInterrupted``".
+
+    Added by ``fit(checkpoint_dir=...)`` after the user's callbacks (so their state is final
+    when saved) and before the display.
+    """
+
+    def __init__(
+        self, directory: Path | None, every_n_steps: int | None = None, state: dict[str, Any] | None = None
+    ) -> None:
+        self.directory = directory
+        self.every_n_steps = every_n_steps
+        self.state = state
+        self.signal_number: int | None = None
+        self.previous_handlers: dict[int, Any] = {}
+
+    def on_fit_start(self, run: Run) -> None:
+        if self.state is not None:
+            restore(run, self.state)
+            self.state = None
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous_handlers[number] = signal.signal(number, self._on_signal)
+
+    def _on_signal(self, number: int, frame: FrameType | None) -> None:
+        if self.signal_number is not None:  # a second signal: stop now; the last checkpoint is intact
+            raise KeyboardInterrupt
+        self.signal_number = number
+
+    def on_train_batch_end(self, run: Run) -> None:
+        if run.window_batches:  # only at optimizer-step boundaries is the state complete
+            return
+        if self.signal_number is not None:
+            self._save(run, run.epoch, run.batches_done)
+            self._interrupt(run)
+        if self.every_n_steps and run.global_step % self.every_n_steps == 0:
+            self._save(run, run.epoch, run.batches_done)
+
+    def on_epoch_end(self, run: Run) -> None:
+        self._save(run, run.epoch + 1, 0)
+        if self.signal_number is not None and not run.stop_training and run.epoch + 1 < run.epochs:
+            self._interrupt(run)
+
+    def on_fit_end(self, run: Run) -> None:
+        for number, handler in self.previous_handlers.items():
+            signal.signal(number, handler)
+        self.previous_handlers = {}
+
+    def _save(self, run: Run, epoch: int, batches_done: int) -> None:
+        if run.is_main_process and self.directory is not None:
+            save_checkpoint(self.directory, training_state(run, epoch=epoch, batches_done=batches_done))
+
+    def _interrupt(self, run: Run) -> None:
+        assert self.signal_number is not None
+        name = signal.Signals(self.signal_number).name
+        raise TrainingInterrupted(
+            f"{name} received: stopped after epoch {run.epoch + 1}, batch {run.batches_done}, and saved a "
+            f"checkpoint in {self.directory}. Run the same fit with resume=True (the command line: add --resume) "
+            "to continue exactly from there.",
+            self.signal_number,
+        )
+
+
+def _callbacks(run: Run) -> list[Callback]:
+    return list(getattr(run.callbacks, "callbacks", []))
+
+
+def _callback_key(index: int, callback: Callback) -> str:
+    return f"{index}:{type(callback).__name__}"
+
+
+def _random_states() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
+    assert isinstance(keys, np.ndarray)
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_random_states(states: dict[str, Any]) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def nothing_left(state: dict[str, Any], epochs: int) -> str | None:
+    """Why the saved run needs no more training (a callback stopped it, or it reached
+    ``epochs``), or None when there is more to do."""
+    if state["stopped"]:
+        return f"Nothing to resume: the run was stopped by a callback after epoch {state['epoch']}."
+    if state["epoch"] >= epochs:
+        return f"Nothing to resume: the run already finished {state['epoch']} epochs (epochs={epochs})."
+    return None

@@ -1,0 +1,335 @@
+"""Never lose training: real processes killed with SIGKILL, real signals, damaged files.
+
+Each scenario is compared with a golden, uninterrupted run of the same script: every final
+tensor of the model and the optimizer must be bitwise equal (torch.equal), and so must the History.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import trainwell as tw
+from trainwell import checkpoint as checkpoint_module
+from trainwell.resume import MANIFEST
+
+from conftest import blobs, make_mlp
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, signal, sys, time
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
+    import trainwell as tw
+
+    directory, result, mode, kill_at, slow = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+
+    class Augmented(Dataset):
+        def __init__(self, inputs, targets):
+            self.inputs, self.targets = inputs, targets
+        def __len__(self):
+            return len(self.inputs)
+        def __getitem__(self, index):  # random augmentation, drawn in the worker processes
+            return self.inputs[index] + 0.1 * torch.randn(8), self.targets[index]
+
+    class Chaos(tw.Callback):
+        def on_train_batch_end(self, run):
+            if run.global_step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if slow:
+                time.sleep(slow)
+        def on_fit_end(self, run):
+            self.optimizer = run.optimizer.state_dict()
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(320, 8, generator=generator)
+    targets = (inputs[:, :3].sum(1) > 0).long() + (inputs[:, 3] > 1).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.2), nn.ReLU(), nn.Linear(32, 3))
+    data = (inputs, targets)
+    if mode == "workers":
+        data = DataLoader(Augmented(inputs, targets), batch_size=16, shuffle=True, num_workers=2)
+    chaos = Chaos()
+    try:
+        history = tw.fit(model, data, loss="cross_entropy", optimizer="adam", lr=0.01, epochs=3, batch_size=16,
+                         metrics=["accuracy"], val_split=0.2 if mode != "workers" else 0.0, scheduler="cosine",
+                         callbacks=[tw.EarlyStopping(monitor="loss", patience=5), chaos], seed=1,
+                         checkpoint_dir=directory, checkpoint_every=4, resume="auto", progress=False)
+    except tw.TrainingInterrupted as interrupted:
+        print(interrupted, file=sys.stderr)
+        sys.exit(128 + interrupted.signal_number)
+    torch.save({"model": model.state_dict(), "optimizer": chaos.optimizer, "history": history.to_dict()}, result)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("scripts") / "train.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def run_script(script: Path, directory: Path, result: Path, mode: str = "tensors", kill_at: int = -1,
+               slow: float = 0.0, prelude: str = "") -> subprocess.CompletedProcess[str]:  # fmt: skip
+    command = [sys.executable, "-c", prelude + script.read_text()] if prelude else [sys.executable, str(script)]
+    arguments = [str(directory), str(result), mode, str(kill_at), str(slow)]
+    return subprocess.run([*command, *arguments], capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.fixture(scope="module")
+def golden(script: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    folder = tmp_path_factory.mktemp("golden")
+    results = {}
+    for mode in ("tensors", "workers"):
+        finished = run_script(script, folder / f"checkpoints-{mode}", folder / f"{mode}.pt", mode)
+        assert finished.returncode == 0, finished.stderr
+        results[mode] = torch.load(folder / f"{mode}.pt", weights_only=True)
+    return results
+
+
+def assert_identical(result: Path, golden: dict[str, Any]) -> None:
+    resumed = torch.load(result, weights_only=True)
+    assert resumed["history"] == golden["history"]
+    for key, value in golden["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    for parameter, state in golden["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(resumed["optimizer"]["state"][parameter][key], value), (parameter, key)
+
+
+def kill_then_finish(script: Path, tmp_path: Path, kills: list[int], mode: str = "tensors") -> Path:
+    directory, result = tmp_path / "checkpoints", tmp_path / "result.pt"
+    for step in kills:
+        killed = run_script(script, directory, result, mode, kill_at=step)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert not result.exists()
+    finished = run_script(script, directory, result, mode)
+    assert finished.returncode == 0, finished.stderr
+    return result
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(
+    script: Path, golden: dict[str, Any], tmp_path: Path
+) -> None:
+    # 16 batches per epoch (256 training samples); step 23 is in the second epoch, after the checkpoint at step 20
+    assert_identical(kill_then_finish(script, tmp_path, [23]), golden["tensors"])
+
+
+def test_several_kills_in_one_run(script: Path, golden: dict[str, Any], tmp_path: Path) -> None:
+    assert_identical(kill_then_finish(script, tmp_path, [6, 18, 19, 37]), golden["tensors"])
+
+
+def test_workers_with_random_augmentation_resume_exactly(script: Path, golden: dict[str, Any], tmp_path: Path) -> None:
+    # 20 batches per epoch with two worker processes drawing random noise per sample
+    assert_identical(kill_then_finish(script, tmp_path, [27], mode="workers"), golden["workers"])
+
+
+def test_kill_between_the_temporary_write_and_the_rename(script: Path, golden: dict[str, Any], tmp_path: Path) -> None:
+    prelude = textwrap.dedent(
+        """
+        import os, signal
+        import trainwell.checkpoint as target
+        calls = {"count": 0}
+        original = os.replace
+        def replace_then_die(source, destination):
+            calls["count"] += 1
+            if calls["count"] == 7:  # during the 4th checkpoint: its file is written, not yet renamed
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(source, destination)
+        target.os.replace = replace_then_die
+        """
+    )
+    directory, result = tmp_path / "checkpoints", tmp_path / "result.pt"
+    killed = run_script(script, directory, result, prelude=prelude)
+    assert killed.returncode == -signal.SIGKILL
+    assert list(directory.glob(".*.tmp"))  # the half-written file is there, and must be ignored
+    finished = run_script(script, directory, result)
+    assert finished.returncode == 0, finished.stderr
+    assert_identical(result, golden["tensors"])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero", "flip"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(
+    damage: str, script: Path, golden: dict[str, Any], tmp_path: Path
+) -> None:
+    directory, result = tmp_path / "checkpoints", tmp_path / "result.pt"
+    killed = run_script(script, directory, result, kill_at=30)
+    assert killed.returncode == -signal.SIGKILL
+    entries = json.loads((directory / MANIFEST).read_text())["checkpoints"]
+    assert len(entries) == 2 and len(list(directory.glob("checkpoint-*.pt"))) == 2  # the last two are kept
+    newest = directory / entries[0]["file"]
+    content = bytearray(newest.read_bytes())
+    if damage == "truncate":
+        newest.write_bytes(content[: len(content) // 2])
+    elif damage == "zero":
+        newest.write_bytes(b"")
+    else:
+        content[len(content) // 3] ^= 0x10
+        newest.write_bytes(bytes(content))
+    finished = run_script(script, directory, result)
+    assert finished.returncode == 0, finished.stderr
+    assert f"Skipping checkpoint {newest}" in finished.stderr
+    assert_identical(result, golden["tensors"])
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_save_and_stop_after_the_step(
+    number: int, script: Path, golden: dict[str, Any], tmp_path: Path
+) -> None:
+    directory, result = tmp_path / "checkpoints", tmp_path / "result.pt"
+    command = [sys.executable, str(script), str(directory), str(result), "tensors", "-1", "0.05"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (directory / MANIFEST).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(number)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + number, stderr
+    assert f"{signal.Signals(number).name} received: stopped after epoch" in stderr and "resume=True" in stderr
+    epoch, batch = (int(part) for part in re.search(r"after epoch (\d+), batch (\d+)", stderr).groups())  # type: ignore[union-attr]
+    newest = json.loads((directory / MANIFEST).read_text())["checkpoints"][0]
+    assert (newest["epoch"], newest["batches_done"]) == (epoch - 1, batch)  # saved at the step it stopped after
+    finished = run_script(script, directory, result)
+    assert finished.returncode == 0, finished.stderr
+    assert_identical(result, golden["tensors"])
+
+
+def fit_with_checkpoints(directory: Path, **arguments: Any) -> tw.History:
+    arguments = {
+        "loss": "cross_entropy",
+        "epochs": 2,
+        "progress": False,
+        "seed": 0,
+        "checkpoint_dir": directory,
+    } | arguments
+    return tw.fit(arguments.pop("model", make_mlp()), arguments.pop("data", blobs()), **arguments)
+
+
+def test_a_failing_save_names_the_path_keeps_the_previous_checkpoint_and_litters_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fit_with_checkpoints(tmp_path, epochs=1)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    original = checkpoint_module.os.fsync
+
+    def disk_full(descriptor: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", disk_full)  # no tmpfs can be mounted here
+    with pytest.raises(OSError, match=r"could not write .*checkpoint-.*No space left on device"):
+        fit_with_checkpoints(tmp_path, epochs=3, resume=True)
+    monkeypatch.setattr(checkpoint_module.os, "fsync", original)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("place", ["under_a_file", "/proc/trainwell-checkpoints"])
+def test_an_unwritable_checkpoint_folder_is_an_error_before_training(place: str, tmp_path: Path) -> None:
+    # Tests run as root here, so a read-only mode would not stop writes: these places refuse even root.
+    (tmp_path / "file").write_text("")
+    directory = tmp_path / "file" / "checkpoints" if place == "under_a_file" else Path(place)
+    model = make_mlp()
+    before = [parameter.clone() for parameter in model.parameters()]
+    with pytest.raises(tw.ConfigError, match="checkpoint folder is not writable"):
+        fit_with_checkpoints(directory, model=model)
+    assert all(torch.equal(old, new) for old, new in zip(before, model.parameters(), strict=True))
+
+
+def test_resume_refuses_a_checkpoint_of_another_setup(tmp_path: Path) -> None:
+    fit_with_checkpoints(tmp_path, epochs=1)
+    for changed, expected in [
+        ({"model": make_mlp(hidden=8)}, "model architecture"),
+        ({"optimizer": "adam"}, "optimizer: SGD in the checkpoint, Adam now"),
+        ({"batch_size": 16}, "batch size: 32 in the checkpoint, 16 now"),
+        ({"data": blobs(samples=200)}, "dataset size: 300 in the checkpoint, 200 now"),
+    ]:
+        with pytest.raises(tw.ConfigError, match="different training setup") as raised:
+            fit_with_checkpoints(tmp_path, resume=True, **changed)
+        assert expected in str(raised.value)
+
+
+def test_finished_runs_are_a_no_op_and_more_epochs_continue(tmp_path: Path) -> None:
+    golden = fit_with_checkpoints(tmp_path / "golden", epochs=4)
+    trained = make_mlp()
+    first = fit_with_checkpoints(tmp_path / "run", epochs=2, model=trained)
+    model = make_mlp(seed=7)
+    with pytest.warns(tw.errors.TrainwellWarning, match="already finished 2 epochs"):
+        again = fit_with_checkpoints(tmp_path / "run", epochs=2, resume=True, model=model)
+    assert again.to_dict() == first.to_dict()
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values(), strict=True)
+    )
+    more = fit_with_checkpoints(tmp_path / "run", epochs=4, resume=True)
+    assert more["loss"][:2] == first["loss"] and len(more["loss"]) == 4
+    assert more["loss"][2:] == pytest.approx(golden["loss"][2:], rel=1e-6)
+
+
+def test_resume_true_without_a_checkpoint_is_an_error_and_auto_starts_fresh(tmp_path: Path) -> None:
+    with pytest.raises(tw.ConfigError, match="no intact checkpoint"):
+        fit_with_checkpoints(tmp_path, resume=True)
+    with pytest.warns(tw.errors.TrainwellWarning, match="starting from the beginning"):
+        history = fit_with_checkpoints(tmp_path, resume="auto")
+    assert history.epochs == 2
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self) -> tuple[Any, tuple[str]]:
+            return (os.mkdir, (str(marker),))
+
+    fit_with_checkpoints(tmp_path, epochs=1)
+    newest = json.loads((tmp_path / MANIFEST).read_text())["checkpoints"][0]
+    path = tmp_path / newest["file"]
+    torch.save({"format": 1, "evil": Payload()}, path)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["checkpoints"] = [newest | {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}]
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with (
+        pytest.warns(tw.errors.TrainwellWarning, match="unsupported GLOBAL posix.mkdir"),
+        pytest.raises(tw.ConfigError, match="no intact checkpoint"),
+    ):
+        fit_with_checkpoints(tmp_path, resume=True)
+    assert not marker.exists()
+
+
+def test_a_second_ctrl_c_during_the_save_leaves_the_previous_checkpoint_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fit_with_checkpoints(tmp_path, epochs=1)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    original = checkpoint_module.os.fsync
+    calls = {"count": 0}
+
+    def interrupted_twice(descriptor: int) -> None:
+        calls["count"] += 1
+        if calls["count"] == 1:  # inside the next save: Ctrl-C, then Ctrl-C again
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        original(descriptor)
+
+    class Arm(tw.Callback):
+        def on_train_batch_end(self, run: tw.Run) -> None:
+            monkeypatch.setattr(checkpoint_module.os, "fsync", interrupted_twice)  # from the first step on
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_with_checkpoints(tmp_path, epochs=3, resume=True, checkpoint_every=4, callbacks=[Arm()])
+    monkeypatch.setattr(checkpoint_module.os, "fsync", original)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
