@@ -15,9 +15,9 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
-from trainwell import loop
+from trainwell import distributed, loop
 from trainwell.callbacks import SCHEDULERS, Callback, CallbackList, LRScheduler, TerminateOnNaN, build_scheduler
-from trainwell.data import split_validation, to_batches
+from trainwell.data import Batches, Shard, split_validation, to_batches
 from trainwell.doctor import examine
 from trainwell.errors import DataError, TrainwellWarning, config_error, describe
 from trainwell.history import History
@@ -162,14 +162,15 @@ def fit(
         step=step,
     )
     directory, state = _checkpointing(checkpoint_dir, checkpoint_every, resume)
-    target = _resolve_device(device)
+    job = distributed.setup()
+    target = _job_device(job, device)
     spec = resolve_loss(loss)
     if class_weight is not None:
         spec = with_class_weight(spec, _class_weight_tensor(class_weight).to(target))
     train_metrics = _resolve_metrics(metrics, spec)
     val_metrics = _resolve_metrics(metrics, spec)
     mixed = build_precision(precision, target)
-    seed = _resolve_seed(seed, state)
+    seed = _resolve_seed(seed, state, job)
     dtype = float_dtype(model)
     if val_split:
         train, val = split_validation(train, val_split, seed, dtype)
@@ -177,6 +178,8 @@ def fit(
     val_batches = None
     if val is not None:
         val_batches = to_batches(val, batch_size=batch_size, shuffle=False, seed=seed, device=target, dtype=dtype)
+    _shard(train_batches, job, pad=True)
+    _shard(val_batches, job, pad=False)
     model.to(target)
     built_optimizer = build_optimizer(optimizer, model, lr, optimizer_options)
     diagnosis = examine(model, spec, train_batches, role="training data", needs_targets=True, device=target,
@@ -185,7 +188,7 @@ def fit(
         checked = examine(model, spec, val_batches, role="validation data", needs_targets=True, device=target)
         diagnosis.notes += checked.notes
         diagnosis.has_weights |= checked.has_weights
-    _say(diagnosis.notes)
+    _say(diagnosis.notes + _job_notes(job, batch_size), job)
 
     added: list[Callback] = []
     if scheduler is not None:
@@ -195,11 +198,12 @@ def fit(
         added.append(TerminateOnNaN())
     if directory is not None or state is not None:
         added.append(Checkpointer(directory, checkpoint_every, state))
-    everything = [*callbacks, *added, *_display(progress)]
+    everything = [*callbacks, *added, *_display(progress, job)]
     keys = Tally(train_metrics).keys + (Tally(val_metrics, prefix="val_").keys if val_batches is not None else [])
     _check_monitors(everything, keys)
+    runnable = cast(nn.Module, torch.compile(model)) if compile else model
     run = Run(
-        model=cast(nn.Module, torch.compile(model)) if compile else model,
+        model=runnable if job is None else distributed.wrap(runnable, target),
         module=model,
         optimizer=built_optimizer,
         loss_fn=spec.fn,
@@ -218,6 +222,10 @@ def fit(
         grad_accum_steps=grad_accum_steps,
         clip_grad_norm=clip_grad_norm,
         clip_grad_value=clip_grad_value,
+        is_main_process=job is None or job.is_main_process,
+        rank=0 if job is None else job.rank,
+        world_size=1 if job is None else job.world_size,
+        reduce=None if job is None else distributed.all_reduce_sum,
     )
     if state is not None and _already_done(run, state):
         return run.history
@@ -227,16 +235,41 @@ def fit(
     return run.history
 
 
-def _resolve_seed(seed: int | None, state: dict[str, Any] | None) -> int:
+def _resolve_seed(seed: int | None, state: dict[str, Any] | None, job: distributed.Distributed | None) -> int:
     """The run's seed: a resumed run's own (its data order and val_split), the given one (which
-    also seeds torch's generator), or one drawn from torch's generator."""
+    also seeds torch's generator), or one drawn from torch's generator (rank 0's, in a job)."""
     if state is not None:
         return int(state["seed"])
     if seed is None:
-        return int(torch.randint(0, 2**62, ()).item())
+        drawn = int(torch.randint(0, 2**62, ()).item())
+        return drawn if job is None else int(distributed.broadcast(drawn))
     _check_count("seed", seed, minimum=0)
     torch.manual_seed(seed)
     return seed
+
+
+def _job_device(job: distributed.Distributed | None, device: str | torch.device) -> torch.device:
+    requested = _resolve_device(device)
+    return requested if job is None else distributed.device_for(job, requested)
+
+
+def _job_notes(job: distributed.Distributed | None, batch_size: int) -> list[str]:
+    if job is None:
+        return []
+    return [
+        f"Training on {job.world_size} processes: batch_size={batch_size} per process, "
+        f"{batch_size * job.world_size} per optimizer step."
+    ]
+
+
+def _shard(batches: Batches | None, job: distributed.Distributed | None, *, pad: bool) -> None:
+    """Give this process its share of the data (every sample once per epoch across the job)."""
+    if batches is None or job is None:
+        return
+    set_shard = getattr(batches, "set_shard", None)
+    if set_shard is None:
+        raise distributed.unsupported_loader_error(type(getattr(batches, "iterable", batches)).__name__)
+    set_shard(Shard(job.rank, job.world_size, pad))
 
 
 def _checkpointing(
@@ -433,14 +466,17 @@ def evaluate(
         )
     spec = resolve_loss(loss) if loss is not None else None
     tally = Tally(_resolve_metrics(metrics, spec), has_loss=spec is not None)
-    target = _resolve_device(device)
+    job = distributed.setup()
+    target = _job_device(job, device)
     batches = to_batches(data, batch_size=batch_size, shuffle=False, seed=0, device=target, dtype=float_dtype(model))
+    _shard(batches, job, pad=False)
     model.to(target)
     tally_metrics = [metric for metric in tally.metrics]
     diagnosis = examine(model, spec, batches, role="evaluation data", needs_targets=True, device=target,
                         metrics=tally_metrics)  # fmt: skip
-    _say(diagnosis.notes)
+    _say(diagnosis.notes, job)
     run = _inference_run(model, target, tally, spec.fn if spec is not None else None)
+    run.reduce = None if job is None else distributed.all_reduce_sum
     if diagnosis.has_weights and spec is not None:
         run.weighted_loss_fn = sample_weighted(spec)
     return loop.eval_epoch(run, batches, tally)
@@ -452,6 +488,7 @@ def predict(
     *,
     batch_size: int = 256,
     device: str | torch.device = "auto",
+    all_ranks: bool = False,
 ) -> Any:
     """The model's outputs for every sample of ``data``, concatenated on the CPU in input order.
 
@@ -461,6 +498,8 @@ def predict(
             or any kind ``fit`` accepts; targets, when present, are ignored.
         batch_size: Samples per batch for in-memory data and Datasets.
         device: As in ``fit``.
+        all_ranks: In a torchrun job, return the outputs on every process (by default only rank 0
+            gets them; the others get None).
 
     Returns:
         A tensor of shape (N, ...); a tuple or dict of such tensors when the model returns one.
@@ -472,11 +511,23 @@ def predict(
     """
     _check_model(model)
     _check_count("batch_size", batch_size)
-    target = _resolve_device(device)
+    job = distributed.setup()
+    target = _job_device(job, device)
     batches = to_batches(data, batch_size=batch_size, shuffle=False, seed=0, device=target, dtype=float_dtype(model))
+    _shard(batches, job, pad=False)
     model.to(target)
     run = _inference_run(model, target, Tally([], has_loss=False), None)
-    return _concatenate(loop.predict_loop(run, batches))
+    outputs = _concatenate(loop.predict_loop(run, batches))
+    if job is None:
+        return outputs
+    if not isinstance(outputs, torch.Tensor):
+        raise config_error(
+            "In a torchrun job, predict gathers tensor outputs only.",
+            describe(outputs),
+            "return a tensor from the model.",
+        )
+    parts = distributed.gather(outputs)
+    return distributed.interleave(parts) if job.is_main_process or all_ranks else None
 
 
 def _inference_run(model: nn.Module, device: torch.device, tally: Tally, loss_fn: LossFn | None) -> Run:
@@ -492,13 +543,17 @@ def _inference_run(model: nn.Module, device: torch.device, tally: Tally, loss_fn
     )
 
 
-def _say(notes: list[str]) -> None:
-    """Repairs the input doctor made, shown once each as a ``TrainwellWarning``."""
+def _say(notes: list[str], job: distributed.Distributed | None = None) -> None:
+    """Repairs the input doctor made, shown once each as a ``TrainwellWarning`` (by rank 0 only)."""
+    if job is not None and not job.is_main_process:
+        return
     for note in notes:
         warnings.warn(note, TrainwellWarning, stacklevel=3)
 
 
-def _display(progress: Progress) -> list[Callback]:
+def _display(progress: Progress, job: distributed.Distributed | None = None) -> list[Callback]:
+    if job is not None and not job.is_main_process:
+        return []
     mode = choose_mode(progress, sys.stdout)
     return [] if mode is None else [ProgressDisplay(mode)]
 

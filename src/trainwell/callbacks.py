@@ -237,7 +237,7 @@ class TerminateOnNaN(Callback):
     def on_before_optimizer_step(self, run: Run) -> None:
         assert run.optimizer is not None and run.loss is not None
         if run.grad_accum_steps == 1:
-            finite = bool(torch.isfinite(run.loss).all())
+            finite = math.isfinite(run.loss.item())  # the batch mean: one value
         else:
             gradients = [parameter.grad for parameter in run.parameters if parameter.grad is not None]
             finite = bool(torch.stack([gradient.isfinite().all() for gradient in gradients]).all())

@@ -42,12 +42,59 @@ class Batch(NamedTuple):
         targets: The targets, or None for data without targets.
         size: Number of samples, known on the host without a device synchronisation.
         weights: Per-sample loss weights (from a third data element), or None.
+        share: Multiplies the loss before backward so that, averaged by DistributedDataParallel,
+            the gradient is the mean over the global batch (1 except for a ragged last step).
     """
 
     inputs: Any
     targets: torch.Tensor | None
     size: int
     weights: torch.Tensor | None = None
+    share: float = 1.0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One process's share of every batch in a job of ``world_size`` processes.
+
+    Global step k covers positions ``[k*N*B, (k+1)*N*B)`` of the epoch's order (N processes,
+    B per process); rank r takes every N-th of them, starting at r. So N processes with batch B
+    see exactly the batches one process with batch N*B would.
+
+    Attributes:
+        rank / world_size: This process and the job's size.
+        pad: Training: every rank makes the same number of steps; a rank left without samples
+            in a ragged last step gets one sample with ``share=0`` (it counts for nothing).
+            Evaluation (False): each rank reads only its own samples, none twice.
+    """
+
+    rank: int
+    world_size: int
+    pad: bool
+
+    def steps(self, total: int, batch_size: int) -> int:
+        """Batches per epoch on this rank."""
+        if self.pad:
+            return -(-total // (batch_size * self.world_size))
+        mine = len(range(self.rank, total, self.world_size))
+        return -(-mine // batch_size)
+
+    def windows(self, order: torch.Tensor, batch_size: int, skip: int) -> Iterator[tuple[torch.Tensor, int, float]]:
+        """(this rank's positions, its sample count, its share) for each step after ``skip``."""
+        width = batch_size * self.world_size
+        if not self.pad:
+            mine = order[self.rank :: self.world_size]
+            for start in range(skip * batch_size, len(mine), batch_size):
+                part = mine[start : start + batch_size]
+                yield part, len(part), 1.0
+            return
+        for start in range(skip * width, len(order), width):
+            window = order[start : start + width]
+            part = window[self.rank :: self.world_size]
+            if len(part) == 0:
+                yield window[:1], 0, 0.0
+            else:
+                yield part, len(part), len(part) * self.world_size / len(window)
 
 
 class Batches(Protocol):
@@ -131,6 +178,18 @@ class TensorBatches:
         self.num_batches: int | None = -(-len(data) // batch_size)
         self.drops_single_last = False
         self._drop_last = False
+        self.shard: Shard | None = None
+
+    def set_shard(self, shard: Shard) -> None:
+        """Deliver only this process's share of each batch."""
+        self.shard = shard
+        self.num_batches = shard.steps(self._end(), self.batch_size)
+
+    def _end(self) -> int:
+        total = len(self.data)
+        if self._drop_last:
+            return total - total % self.batch_size
+        return total - 1 if self.drops_single_last else total
 
     @property
     def drop_last(self) -> bool:
@@ -143,9 +202,13 @@ class TensorBatches:
         self.num_batches = len(self.data) // self.batch_size if value else -(-len(self.data) // self.batch_size)
 
     def for_epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
-        total = len(self.data)
+        total, end = len(self.data), self._end()
         order = epoch_order(total, self.seed, epoch) if self.shuffle else None
-        end = total - total % self.batch_size if self._drop_last else total - 1 if self.drops_single_last else total
+        if self.shard is not None:
+            positions = (torch.arange(total) if order is None else order)[:end]
+            for rows, size, share in self.shard.windows(positions, self.batch_size, skip):
+                yield _to_device(self.data.take(rows)._replace(size=size, share=share), self.device)
+            return
         for start in range(skip * self.batch_size, end, self.batch_size):
             stop = min(start + self.batch_size, end)
             index = slice(start, stop) if order is None else order[start:stop]
@@ -218,14 +281,28 @@ class DatasetBatches(_Streamed):
         self.device = device
         self.drop_last = drop_last
         self.loader_options = {"pin_memory": device.type == "cuda", **(loader_options or {})}
+        # Only worker processes need seeding per sample; in the main process the run's own
+        # random stream (which checkpoints capture) already makes augmentation reproducible.
+        self.seeded = bool(self.loader_options.get("num_workers"))
         total = len(dataset)  # type: ignore[arg-type]
         self.num_samples: int | None = total
         self.num_batches: int | None = total // batch_size if drop_last else -(-total // batch_size)
+        self.shard: Shard | None = None
 
-    def _loader(self, keys: Sequence[Any], epoch: int) -> DataLoader[Any]:
+    def set_shard(self, shard: Shard) -> None:
+        """Deliver only this process's share of each batch."""
+        self.shard = shard
+        total = len(self.dataset)  # type: ignore[arg-type]
+        self.num_batches = shard.steps(total - total % self.batch_size if self.drop_last else total, self.batch_size)
+
+    def _loader(self, keys: Sequence[Any], epoch: int, batch_sizes: list[int] | None = None) -> DataLoader[Any]:
         generator = torch.Generator().manual_seed(_mix(self.seed, epoch))  # not torch's global generator
+        if batch_sizes is not None:  # sharded: batches of the given sizes, in order
+            bounds = [sum(batch_sizes[:position]) for position in range(len(batch_sizes) + 1)]
+            batch_sampler = [list(keys[bounds[i] : bounds[i + 1]]) for i in range(len(batch_sizes))]
+            return DataLoader(self._source(), batch_sampler=batch_sampler, generator=generator, **self.loader_options)
         return DataLoader(
-            _SeededSamples(self.dataset),
+            self._source(),
             batch_size=self.batch_size,
             sampler=keys,
             drop_last=self.drop_last,
@@ -233,18 +310,31 @@ class DatasetBatches(_Streamed):
             **self.loader_options,
         )
 
+    def _source(self) -> Dataset[Any]:
+        return _SeededSamples(self.dataset) if self.seeded else self.dataset
+
     def for_epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         total = len(self.dataset)  # type: ignore[arg-type]
         order = epoch_order(total, self.seed, epoch).tolist() if self.shuffle else list(range(total))
         base = _mix(self.seed, epoch)
-        keys = [(index, _mix(base, position)) for position, index in enumerate(order)]
-        yield from self._deliver(self._loader(keys[skip * self.batch_size :], epoch))
+        keys: list[Any] = (
+            [(index, _mix(base, position)) for position, index in enumerate(order)] if self.seeded else order
+        )
+        if self.shard is None:
+            yield from self._deliver(self._loader(keys[skip * self.batch_size :], epoch))
+            return
+        end = len(keys) - len(keys) % self.batch_size if self.drop_last else len(keys)
+        plan = list(self.shard.windows(torch.arange(end), self.batch_size, skip))
+        chosen = [keys[position] for positions, _, _ in plan for position in positions.tolist()]
+        batches = self._deliver(self._loader(chosen, epoch, batch_sizes=[len(positions) for positions, _, _ in plan]))
+        for batch, (_, size, share) in zip(batches, plan, strict=True):
+            yield batch._replace(size=size, share=share)
 
     def sample(self, count: int) -> Batch:
-        keys = [(index, index) for index in range(min(count, len(self.dataset)))]  # type: ignore[arg-type]
+        indices = list(range(min(count, len(self.dataset))))  # type: ignore[arg-type]
         worker_only = ("num_workers", "prefetch_factor", "multiprocessing_context")
         options = {key: value for key, value in self.loader_options.items() if key not in worker_only}
-        loader = DataLoader(_SeededSamples(self.dataset), batch_size=len(keys), sampler=keys, **options)
+        loader = DataLoader(self.dataset, batch_size=len(indices), sampler=indices, **options)
         return _to_device(split_batch(next(iter(loader))), self.device)
 
 

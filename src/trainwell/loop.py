@@ -102,7 +102,7 @@ def train_step(run: Run, batch: Batch) -> None:
     run.outputs = outputs
     scaler = run.precision.scaler
     if run.grad_accum_steps == 1:
-        scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        scaler.scale(loss if batch.share == 1.0 else loss * batch.share).backward()  # type: ignore[no-untyped-call]
         optimizer_step(run)
     else:
         scaler.scale(loss * batch.size).backward()  # type: ignore[no-untyped-call]
@@ -110,7 +110,8 @@ def train_step(run: Run, batch: Batch) -> None:
         run.window_batches += 1
         if run.window_batches == run.grad_accum_steps:
             optimizer_step(run)
-    run.train_tally.update(run.loss, outputs, batch.targets, batch.size)
+    if batch.size:  # a rank's padding in a ragged last step of a torchrun job counts for nothing
+        run.train_tally.update(run.loss, outputs, batch.targets, batch.size)
 
 
 def compute_loss(run: Run, outputs: Any, batch: Batch) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainwell import distributed
 from trainwell.callbacks import Callback
 from trainwell.checkpoint import atomic_write, clean_state_dict, safe_load
 from trainwell.errors import DataError, TrainingInterrupted, TrainwellWarning, config_error
@@ -48,9 +49,10 @@ def check_writable(directory: Path) -> None:
         ) from None
 
 
-def training_state(run: Run, *, epoch: int, batches_done: int) -> dict[str, Any]:
+def training_state(run: Run, *, epoch: int, batches_done: int, per_process: Any) -> dict[str, Any]:
     """Everything needed to continue ``run`` exactly where it is (at an optimizer-step boundary):
-    at ``batches_done`` batches into ``epoch``."""
+    at ``batches_done`` batches into ``epoch``. ``per_process`` holds the random states and
+    running sums of this process, or of every process (a list in rank order) in a torchrun job."""
     assert run.optimizer is not None
     return {
         "format": FORMAT_VERSION,
@@ -68,9 +70,8 @@ def training_state(run: Run, *, epoch: int, batches_done: int) -> dict[str, Any]
         "stopped": run.stop_training,
         "seed": run.seed,
         "history": run.history.state_dict(),
-        "tally": run.train_tally.state_dict(),
         "extra_logs": dict(run.extra_logs),
-        "random": _random_states(),
+        "per_process": per_process,
         "fingerprint": fingerprint(run),
     }
 
@@ -189,10 +190,11 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     run.epoch, run.start_epoch = state["epoch"], state["epoch"]
     run.batches_done, run.global_step = state["batches_done"], state["global_step"]
     run.history.load_state_dict(state["history"])
+    mine = state["per_process"][run.rank] if isinstance(state["per_process"], list) else state["per_process"]
     if run.batches_done:
-        run.train_tally.load_state_dict(state["tally"], run.device)
+        run.train_tally.load_state_dict(mine["tally"], run.device)
         run.extra_logs = dict(state["extra_logs"])
-    _set_random_states(state["random"])
+    _set_random_states(mine["random"])
 
 
 class Checkpointer(Callback):
@@ -217,7 +219,10 @@ class Checkpointer(Callback):
         if self.state is not None:
             restore(run, self.state)
             self.state = None
-        if threading.current_thread() is threading.main_thread():
+        # In a torchrun job, torchrun itself stops and restarts the processes; a signal seen by
+        # the ranks at different steps could not be turned into one common stop without a
+        # collective per step, so there the periodic checkpoints are what resuming uses.
+        if run.world_size == 1 and threading.current_thread() is threading.main_thread():
             for number in (signal.SIGINT, signal.SIGTERM):
                 self.previous_handlers[number] = signal.signal(number, self._on_signal)
 
@@ -246,8 +251,13 @@ class Checkpointer(Callback):
         self.previous_handlers = {}
 
     def _save(self, run: Run, epoch: int, batches_done: int) -> None:
-        if run.is_main_process and self.directory is not None:
-            save_checkpoint(self.directory, training_state(run, epoch=epoch, batches_done=batches_done))
+        if self.directory is None:
+            return
+        mine = {"random": _random_states(), "tally": run.train_tally.state_dict()}
+        per_process = mine if run.world_size == 1 else distributed.gather(mine)
+        if run.is_main_process:
+            state = training_state(run, epoch=epoch, batches_done=batches_done, per_process=per_process)
+            save_checkpoint(self.directory, state)
 
     def _interrupt(self, run: Run) -> None:
         assert self.signal_number is not None

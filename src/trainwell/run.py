@@ -79,6 +79,7 @@ class Run:
             batches and samples accumulated in the current window.
         clip_grad_norm / clip_grad_value: Gradient clipping before each optimizer step.
         is_main_process: True on the process that prints and writes files.
+        rank / world_size: This process's rank and the number of processes (0 and 1 outside torchrun).
         reduce: Sums a 1-D tensor across processes; None in a single process.
     """
 
@@ -117,6 +118,8 @@ class Run:
     clip_grad_norm: float | None = None
     clip_grad_value: float | None = None
     is_main_process: bool = True
+    rank: int = 0
+    world_size: int = 1
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def running_logs(self) -> dict[str, float]:

@@ -1,0 +1,160 @@
+"""The same fit under real torchrun (2 processes, gloo, CPU) against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import torch
+    from torch import nn
+    from sklearn.datasets import load_digits
+    import trainwell as tw
+
+    mode, out, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    rank = int(os.environ.get("RANK", "0"))
+
+    def model_for(inputs, outputs):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(inputs, 32), nn.ReLU(), nn.Linear(32, outputs))
+
+    if mode in ("train", "restart", "fail"):
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(253, 6, generator=generator)
+        y = (x[:, :2].sum(1) > 0).long() + (x[:, 2] > 0.5).long()
+        model = model_for(6, 3)
+
+        class Chaos(tw.Callback):
+            def on_train_batch_end(self, run):
+                if mode == "fail" and run.rank == 1 and run.global_step == 2:
+                    raise RuntimeError("rank one failed on purpose")
+                if mode == "restart" and run.rank == 1 and run.global_step == 7:
+                    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+                        os.kill(os.getpid(), signal.SIGKILL)
+
+        history = tw.fit(model, (x, y), loss="cross_entropy", optimizer="adam", lr=0.01, epochs=3,
+                         batch_size=batch_size, metrics=["accuracy"], val_split=0.2, seed=0,
+                         callbacks=[tw.CSVLogger(os.path.join(out, "log.csv")), Chaos()],
+                         checkpoint_dir=os.path.join(out, "checkpoints") if mode == "restart" else None,
+                         checkpoint_every=3 if mode == "restart" else None, resume="auto" if mode == "restart" else False)
+        torch.save({key: value for key, value in model.state_dict().items()}, os.path.join(out, f"weights-{rank}.pt"))
+        if rank == 0:
+            with open(os.path.join(out, "history.json"), "w") as file:
+                json.dump(history.to_dict(), file)
+    else:
+        features, labels = load_digits(return_X_y=True)
+        x, y = torch.tensor(features / 16.0, dtype=torch.float32), torch.tensor(labels)
+        model = model_for(64, 10)
+        results = tw.evaluate(model, (x, y), loss="cross_entropy", metrics=["accuracy"], batch_size=100)
+        outputs = tw.predict(model, x, batch_size=100, all_ranks=True)
+        torch.save({"results": results, "outputs": outputs}, os.path.join(out, f"evaluate-{rank}.pt"))
+    print(f"rank {rank} done", flush=True)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ddp") / "job.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def launch(
+    script: Path, mode: str, out: Path, batch_size: int, processes: int, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    environment = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if processes == 1:
+        command = [sys.executable, str(script)]
+    else:
+        command = [TORCHRUN, "--standalone", f"--nproc_per_node={processes}", *extra, str(script)]
+    return subprocess.run([*command, mode, str(out), str(batch_size)], capture_output=True, text=True, timeout=180,
+                          env=environment, check=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def single(script: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    result = launch(script, "train", out, 32, 1)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def load(path: Path) -> Any:
+    return torch.load(path, weights_only=True)
+
+
+def test_two_processes_train_the_same_model_as_one_with_the_global_batch(
+    script: Path, single: Path, tmp_path: Path
+) -> None:
+    result = launch(script, "train", tmp_path, 16, 2)
+    assert result.returncode == 0, result.stderr
+    reference, first, second = (
+        load(single / "weights-0.pt"),
+        load(tmp_path / "weights-0.pt"),
+        load(tmp_path / "weights-1.pt"),
+    )
+    for key, value in reference.items():
+        assert torch.equal(first[key], second[key]), key  # identical on every rank
+        assert torch.allclose(first[key], value, atol=2e-5), key  # and the single-process model, up to rounding
+    expected, history = (
+        json.loads((single / "history.json").read_text()),
+        json.loads((tmp_path / "history.json").read_text()),
+    )
+    assert history.keys() == expected.keys()
+    for key in expected:
+        assert history[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    # 202 training samples, 32 per step: the ragged last step (10 samples) is split 5 + 5.
+    # Only rank 0 printed and wrote: one summary line per epoch, one CSV row per epoch.
+    assert result.stdout.count("samples/s") == 3
+    assert "Training on 2 processes: batch_size=16 per process, 32 per optimizer step." in result.stderr
+    assert result.stderr.count("Training on 2 processes") == 1
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 4
+
+
+def test_evaluation_counts_every_sample_exactly_once(script: Path, tmp_path: Path) -> None:
+    alone = launch(script, "evaluate", tmp_path / "one", 0, 1)
+    assert alone.returncode == 0, alone.stderr
+    pair = launch(script, "evaluate", tmp_path / "two", 0, 2)
+    assert pair.returncode == 0, pair.stderr
+    expected = load(tmp_path / "one" / "evaluate-0.pt")
+    for rank in (0, 1):  # 1,797 samples: 899 on rank 0, 898 on rank 1, no padding
+        got = load(tmp_path / "two" / f"evaluate-{rank}.pt")
+        assert got["results"]["accuracy"] == expected["results"]["accuracy"]
+        assert got["results"]["loss"] == pytest.approx(expected["results"]["loss"], rel=1e-6)
+        assert torch.allclose(got["outputs"], expected["outputs"], atol=1e-6)  # in input order
+
+
+def test_a_failure_on_one_rank_ends_the_job_promptly_with_its_error(script: Path, tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = launch(script, "fail", tmp_path, 16, 2)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 90
+    assert "rank one failed on purpose" in result.stdout + result.stderr
+
+
+def test_a_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(script: Path, tmp_path: Path) -> None:
+    golden = launch(script, "train", tmp_path / "golden", 16, 2)
+    assert golden.returncode == 0, golden.stderr
+    result = launch(script, "restart", tmp_path / "restart", 16, 2, "--max-restarts=1")
+    assert result.returncode == 0, result.stderr
+    assert "restart" in (result.stdout + result.stderr).lower()
+    expected, got = load(tmp_path / "golden" / "weights-0.pt"), load(tmp_path / "restart" / "weights-0.pt")
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    history = json.loads((tmp_path / "restart" / "history.json").read_text())
+    assert history == json.loads((tmp_path / "golden" / "history.json").read_text())
