@@ -1,0 +1,175 @@
+"""One measurement, in a fresh process: build the data and model, warm up, time one contender.
+
+Owns: the timed region and what a worker reports (one ``BENCH_RESULT {json}`` line on stdout).
+The data and model are built before the clock starts; the warm-up runs the same contender on a
+few batches of the same model, so one-time costs (lazy imports, allocator growth) stay out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import cProfile
+import json
+import pstats
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from contenders import SCORERS, TRAINERS, WITH_DISPLAY
+from frameworks import FRAMEWORK_TRAINERS
+from load import LoadWatch
+from tasks import RESULT_PREFIX, InferenceTask, Outcome, TrainTask
+from terminal import SinkReport, terminal_stdout
+from workloads import WORKLOADS, Workload, build_model, make_data, make_loader
+
+WARMUP_BATCHES = 5
+INFERENCE_REPEATS = 5
+SHUFFLE_SEED = 2
+
+Task = TypeVar("Task", TrainTask, InferenceTask)
+
+
+def _memory_kb(field: str) -> int | None:
+    """``VmRSS`` or ``VmHWM`` of this process from /proc/self/status, in KiB (None if unknown)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) for line in lines if line.startswith(field + ":")), None)
+
+
+class PeakMemory:
+    """The process's peak RSS over its whole life, although the timed regions reset the kernel's
+    high-water mark to measure their own peaks."""
+
+    def __init__(self) -> None:
+        self.before_resets_kb = 0
+
+    def reset(self) -> int | None:
+        """Reset the high-water mark to the current RSS (Linux ``clear_refs``); return that RSS."""
+        self.before_resets_kb = max(self.before_resets_kb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return None
+        return _memory_kb("VmRSS")
+
+    def peak_mb(self) -> float:
+        """``ru_maxrss`` of the whole worker, in MiB."""
+        return max(self.before_resets_kb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+PEAK_MEMORY = PeakMemory()
+
+
+def _timed(run: Callable[[Task], Outcome], task: Task, profiler: cProfile.Profile | None) -> dict[str, float]:
+    """Run ``run(task)`` once on the clock (and under ``profiler`` when given), noting the CPU time
+    it used and how far its memory peaked above the RSS it started from."""
+    rss_before = PEAK_MEMORY.reset()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if profiler is not None:
+        profiler.enable()
+    outcome = run(task)
+    if profiler is not None:
+        profiler.disable()
+    seconds = time.perf_counter() - start
+    peak = _memory_kb("VmHWM")
+    return {
+        "seconds": seconds,
+        "cpu_seconds": time.process_time() - cpu_start,
+        "samples": outcome.samples,
+        "samples_per_second": outcome.samples / seconds,
+        "loss": outcome.loss,
+        "accuracy": outcome.accuracy,
+        "timed_extra_mb": (peak - rss_before) / 1024 if peak is not None and rss_before is not None else float("nan"),
+    }
+
+
+def _train(
+    contender: str, workload: Workload, inputs: torch.Tensor, targets: torch.Tensor, profiler: cProfile.Profile | None
+) -> tuple[dict[str, dict[str, float]], SinkReport]:
+    trainer = TRAINERS.get(contender) or FRAMEWORK_TRAINERS[contender]
+    model = build_model(workload.architecture)
+    warm = workload.batch_size * WARMUP_BATCHES
+    loader = make_loader(inputs, targets, workload.batch_size) if workload.kind == "loader" else None
+    warm_loader = make_loader(inputs[:warm], targets[:warm], workload.batch_size) if loader is not None else None
+    size, architecture = workload.batch_size, workload.architecture
+    warm_task = TrainTask(model, inputs[:warm], targets[:warm], size, architecture, warm_loader)
+    task = TrainTask(model, inputs, targets, size, architecture, loader)
+    sink = SinkReport()
+    shows_display = contender in WITH_DISPLAY or contender in FRAMEWORK_TRAINERS
+    with terminal_stdout(sink) if shows_display else contextlib.nullcontext():
+        trainer(warm_task)
+        watch = LoadWatch().start()
+        fit = _timed(trainer, task, profiler)
+    return {"fit": fit | {"foreign_load": watch.foreign_load()}}, sink
+
+
+def _score(
+    contender: str, workload: Workload, inputs: torch.Tensor, targets: torch.Tensor, profiler: cProfile.Profile | None
+) -> dict[str, dict[str, float]]:
+    """Evaluate and predict, each ``INFERENCE_REPEATS`` times; the run with the median time is kept,
+    with the other processes' load over all the repeats (one pass is too short to measure it)."""
+    scorer = SCORERS[contender]
+    model = build_model(workload.architecture)
+    warm = workload.batch_size * 2
+    warm_task = InferenceTask(model, inputs[:warm], targets[:warm], workload.batch_size)
+    task = InferenceTask(model, inputs, targets, workload.batch_size)
+    phases = {}
+    for phase, run in (("evaluate", scorer.evaluate), ("predict", scorer.predict)):
+        run(warm_task)
+        watch = LoadWatch().start()
+        repeats = sorted(
+            (_timed(run, task, profiler) for _ in range(INFERENCE_REPEATS)), key=lambda row: row["seconds"]
+        )
+        phases[phase] = repeats[len(repeats) // 2] | {"repeats": len(repeats), "foreign_load": watch.foreign_load()}
+    return phases
+
+
+def run_worker(contender: str, workload_key: str, samples: int | None, profile_lines: int = 0) -> dict[str, Any]:
+    """Measure ``contender`` on one workload and return the raw numbers.
+
+    Args:
+        contender: A key of ``TRAINERS``, ``FRAMEWORK_TRAINERS`` or (workload e) ``SCORERS``.
+        workload_key: A key of ``WORKLOADS``.
+        samples: How many samples (None: the workload's full size).
+        profile_lines: When > 0, profile the timed region with cProfile and print this many
+            lines (sorted by tottime) to stderr; the timings are then inflated.
+    """
+    workload = WORKLOADS[workload_key]
+    count = samples or workload.samples
+    inputs, targets = make_data(count, workload.architecture)
+    torch.manual_seed(SHUFFLE_SEED)
+    profiler = cProfile.Profile() if profile_lines > 0 else None
+    sink = SinkReport()
+    if workload.kind == "inference":
+        phases = _score(contender, workload, inputs, targets, profiler)
+    else:
+        phases, sink = _train(contender, workload, inputs, targets, profiler)
+    if profiler is not None:
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(profile_lines)
+    return {
+        "contender": contender,
+        "workload": workload_key,
+        "samples": count,
+        "phases": phases,
+        "peak_rss_mb": PEAK_MEMORY.peak_mb(),
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "display_sink": sink.kind,
+        "display_bytes": sink.bytes_written,
+        "profiled": profiler is not None,
+    }
+
+
+def worker_main(contender: str, workload_key: str, samples: int | None, profile_lines: int) -> int:
+    """Entry point of ``run.py --worker``: print one result line for the parent."""
+    result = run_worker(contender, workload_key, samples, profile_lines)
+    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0

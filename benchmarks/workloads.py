@@ -1,0 +1,136 @@
+"""The benchmark's workloads: synthetic MNIST-shaped data, the models, and workload (d)'s DataLoader.
+
+Owns: what each workload trains or scores, on how many samples, in which batches, and the data
+every contender receives. Must not time anything or know the contenders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+LR = 0.01
+MOMENTUM = 0.9
+NUM_CLASSES = 10
+FEATURES = 784
+IMAGE_SHAPE = (1, 28, 28)
+DATA_SEED = 0
+MODEL_SEED = 1
+_CHUNK = 1_000
+TEMPLATE_WEIGHT = 0.3
+
+Architecture = Literal["mlp_small", "mlp_large", "cnn"]
+Kind = Literal["train", "loader", "inference"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One row group of the report.
+
+    Attributes:
+        key: The letter used on the command line (``--workloads a,b``).
+        title: What is trained, for the table.
+        architecture: Which model ``build_model`` makes.
+        kind: ``train`` (in-memory tensors), ``loader`` (a user's DataLoader) or ``inference``
+            (evaluate and predict).
+        batch_size: Training batch size; for ``inference``, the hand-written loop's large batch.
+        samples: Samples in a full run; quick_samples: in a ``--quick`` run.
+    """
+
+    key: str
+    title: str
+    architecture: Architecture
+    kind: Kind
+    batch_size: int
+    samples: int
+    quick_samples: int
+
+
+WORKLOADS: dict[str, Workload] = {
+    workload.key: workload
+    for workload in (
+        Workload("a", "MLP 784-64-10, overhead-bound", "mlp_small", "train", 128, 60_000, 8_000),
+        Workload("b", "MLP 784-1024-1024-10, compute-bound", "mlp_large", "train", 128, 60_000, 4_000),
+        Workload("c", "CNN conv32-conv64-pool-fc128 on 1x28x28", "cnn", "train", 64, 10_000, 1_000),
+        Workload(
+            "d", "MLP 784-64-10 from a user DataLoader(custom Dataset)", "mlp_small", "loader", 128, 60_000, 8_000
+        ),
+        Workload("e", "evaluate/predict, MLP 784-64-10", "mlp_small", "inference", 1024, 60_000, 8_000),
+    )
+}
+
+
+def make_data(samples: int, architecture: Architecture) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-like float32 inputs in [0, 1) and int64 labels 0..9 that a model can learn.
+
+    Each sample is a noisy copy of one of ten fixed random templates (``TEMPLATE_WEIGHT`` of the
+    template, the rest uniform noise) and its label is that template's, so one epoch of SGD
+    reaches roughly MNIST-like training accuracy. The same ``samples`` give the same data in
+    every process; it is built in chunks, so the peak memory is the data itself.
+
+    Returns:
+        ``(inputs, targets)``: inputs of shape (samples, 784), or (samples, 1, 28, 28) for the CNN.
+    """
+    generator = torch.Generator().manual_seed(DATA_SEED)
+    templates = torch.rand(NUM_CLASSES, FEATURES, generator=generator)
+    targets = torch.randint(0, NUM_CLASSES, (samples,), generator=generator)
+    inputs = torch.empty(samples, FEATURES)
+    for start in range(0, samples, _CHUNK):
+        rows = inputs[start : start + _CHUNK]
+        torch.rand(rows.shape, generator=generator, out=rows)
+        rows.mul_(1 - TEMPLATE_WEIGHT).add_(templates[targets[start : start + _CHUNK]], alpha=TEMPLATE_WEIGHT)
+    if architecture == "cnn":
+        inputs = inputs.view(samples, *IMAGE_SHAPE)
+    return inputs, targets
+
+
+def build_model(architecture: Architecture) -> nn.Module:
+    """A freshly initialised model, with the same weights in every process."""
+    torch.manual_seed(MODEL_SEED)
+    if architecture == "mlp_small":
+        return nn.Sequential(nn.Linear(FEATURES, 64), nn.ReLU(), nn.Linear(64, NUM_CLASSES))
+    if architecture == "mlp_large":
+        return nn.Sequential(
+            nn.Linear(FEATURES, 1024),
+            nn.ReLU(),
+            nn.Linear(1024, 1024),
+            nn.ReLU(),
+            nn.Linear(1024, NUM_CLASSES),
+        )
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 12 * 12, 128),
+        nn.ReLU(),
+        nn.Linear(128, NUM_CLASSES),
+    )
+
+
+class SampleDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """A map-style Dataset returning one ``(input, target)`` pair per index, as users write them.
+
+    Deliberately not a ``TensorDataset``, so no library can recognise it and take a fast path.
+    """
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.inputs = inputs
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.targets[index]
+
+
+def make_loader(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> DataLoader[tuple[torch.Tensor, ...]]:
+    """Workload (d)'s data: ``DataLoader(SampleDataset(...), batch_size=batch_size, shuffle=True)``."""
+    return DataLoader(SampleDataset(inputs, targets), batch_size=batch_size, shuffle=True)
