@@ -161,8 +161,8 @@ def fit(
         clip_grad_value=clip_grad_value,
         step=step,
     )
+    job = distributed.setup()  # first: in a job, no process touches files before all have joined
     directory, state = _checkpointing(checkpoint_dir, checkpoint_every, resume)
-    job = distributed.setup()
     target = _job_device(job, device)
     spec = resolve_loss(loss)
     if class_weight is not None:

@@ -248,15 +248,17 @@ def run_train(args: argparse.Namespace) -> int:
     scaler = Scaler.fit(train.features)
     spec = model_spec(table, options) | {"mean": scaler.mean.tolist(), "std": scaler.std.tolist()}
     options |= {"loss": spec["loss"], "metrics": ",".join(_metrics(options, table))}
-    folder = _run_folder(options, resuming)
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 prints and writes
+    folder = _run_folder(options, resuming, main)
     if folder is None:
         return 0
     torch.manual_seed(seed)
     model = build_model(spec)
     temporary = _partial(folder)
     created = [parent for parent in reversed(temporary.parents) if not parent.exists()]
-    temporary.mkdir(parents=True, exist_ok=resuming)
-    _write_config(options, temporary / CONFIG_FILE)
+    if main:
+        temporary.mkdir(parents=True, exist_ok=True)
+        _write_config(options, temporary / CONFIG_FILE)
     try:
         started = time.perf_counter()
         history = trainwell.fit(
@@ -276,6 +278,8 @@ def run_train(args: argparse.Namespace) -> int:
         )
         seconds = time.perf_counter() - started
         results = _score(model, test or train, spec, _metrics(options, table), options["device"])
+        if not main:
+            return 0
         print(f"\nTrained in {seconds:.1f}s. " + ("Test results" if test else "Training-set results (no test split)"))
         _print_results(results, spec)
         _write_run(temporary, model, spec, options, history, results, test or train)
@@ -303,10 +307,10 @@ def _partial(folder: Path) -> Path:
     return folder.with_name(f".{folder.name}.partial")
 
 
-def _run_folder(options: dict[str, Any], resuming: bool) -> Path | None:
+def _run_folder(options: dict[str, Any], resuming: bool, main: bool = True) -> Path | None:
     """The final run folder; None (after saying so) when a resumed run had already finished."""
     if not resuming:
-        return _new_run_folder(options)
+        return _new_run_folder(options, main)
     if not options["out"]:
         raise config_error("--resume needs the run folder to continue.", "no --out", "pass --out RUN_FOLDER --resume.")
     folder = Path(options["out"])
@@ -318,16 +322,27 @@ def _run_folder(options: dict[str, Any], resuming: bool) -> Path | None:
     return folder
 
 
-def _new_run_folder(options: dict[str, Any]) -> Path:
+def _new_run_folder(options: dict[str, Any], main: bool = True) -> Path:
     if options["out"]:
         folder = Path(options["out"])
+        if not main:
+            return folder
         if folder.exists() and any(folder.iterdir()):
             raise config_error("The run folder exists and is not empty.", str(folder), "pass a new --out folder.")
+        if _partial(folder).exists():
+            raise config_error(
+                "An interrupted run of that name exists.",
+                str(_partial(folder)),
+                f"continue it with: trainwell train --out {folder} --resume, or remove that folder.",
+            )
         if folder.exists():
             folder.rmdir()
         return folder
     stem = Path(options["data"]).stem if options["data"] not in BUNDLED else options["data"]
-    base = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    job = os.environ.get("TORCHELASTIC_RUN_ID")  # under torchrun: one name every rank agrees on
+    base = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S') if job is None else job}"
+    if not main:
+        return base
     folder, number = base, 1
     while folder.exists():
         number += 1
@@ -340,8 +355,9 @@ def _score(model: nn.Module, table: Table, spec: dict[str, Any], metrics: list[s
     targets = _targets(table, spec)
     results: dict[str, Any] = {"samples": len(targets)}
     results |= trainwell.evaluate(model, (features, targets), loss=spec["loss"], metrics=metrics, device=device)
-    if spec["task"] == "classification":
-        predicted = _predicted_classes(trainwell.predict(model, features, device=device), spec)
+    outputs = trainwell.predict(model, features, device=device)
+    if spec["task"] == "classification" and outputs is not None:  # None on ranks other than 0 under torchrun
+        predicted = _predicted_classes(outputs, spec)
         matrix = confusion_matrix(torch.from_numpy(table.targets), predicted, len(spec["class_names"]))
         results["per_class"] = _per_class(matrix, spec["class_names"])
         results["confusion_matrix"] = matrix.tolist()
