@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
 import signal
 import threading
@@ -38,7 +39,7 @@ def check_writable(directory: Path) -> None:
     """Raise ``ConfigError`` unless checkpoints can be written to ``directory`` (before training)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".trainwell-write-test"
+        probe = directory / f".trainwell-write-test-{os.getpid()}"  # one per process: ranks check at once
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
