@@ -158,3 +158,16 @@ def test_a_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(scrip
         assert torch.equal(got[key], value), key
     history = json.loads((tmp_path / "restart" / "history.json").read_text())
     assert history == json.loads((tmp_path / "golden" / "history.json").read_text())
+
+
+def test_the_command_line_tool_under_torchrun(tmp_path: Path) -> None:
+    command = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "trainwell", "train", "--data", "iris",
+               "--epochs", "3", "--seed", "1"]  # fmt: skip
+    environment = os.environ | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path, env=environment,
+                            check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("samples/s") == 3 and result.stdout.count("Run folder:") == 1
+    (run,) = (tmp_path / "runs").iterdir()  # one folder, named alike by both ranks, no leftovers
+    assert {path.name for path in run.iterdir()} >= {"history.csv", "metrics.json", "curves.png", "model.pt"}
+    assert len((run / "history.csv").read_text().splitlines()) == 4
