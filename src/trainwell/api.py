@@ -471,9 +471,8 @@ def evaluate(
     batches = to_batches(data, batch_size=batch_size, shuffle=False, seed=0, device=target, dtype=float_dtype(model))
     _shard(batches, job, pad=False)
     model.to(target)
-    tally_metrics = [metric for metric in tally.metrics]
     diagnosis = examine(model, spec, batches, role="evaluation data", needs_targets=True, device=target,
-                        metrics=tally_metrics)  # fmt: skip
+                        metrics=tally.metrics)  # fmt: skip
     _say(diagnosis.notes, job)
     run = _inference_run(model, target, tally, spec.fn if spec is not None else None)
     run.reduce = None if job is None else distributed.all_reduce_sum

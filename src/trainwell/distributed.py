@@ -128,11 +128,6 @@ def gather(value: Any) -> list[Any]:
     return gathered
 
 
-def barrier() -> None:
-    """Wait until every process gets here."""
-    dist.barrier()
-
-
 def interleave(parts: list[torch.Tensor]) -> torch.Tensor:
     """Undo sharding by ``rank::world_size``: rank r's rows go back to positions r, r+N, ...
 
