@@ -142,10 +142,15 @@ class InMemory:
 
     def take(self, index: torch.Tensor | slice) -> Batch:
         """Rows ``index`` as a batch (an index tensor gathers, a slice views)."""
-        inputs = _map_tensors(self.inputs, lambda tensor: _rows(tensor, index))
+        if isinstance(self.inputs, torch.Tensor):  # the common case, once per step: no generic walk
+            inputs: Any = _rows(self.inputs, index)
+            size = inputs.shape[0]
+        else:
+            inputs = _map_tensors(self.inputs, lambda tensor: _rows(tensor, index))
+            size = _length(inputs)
         targets = None if self.targets is None else _rows(self.targets, index)
         weights = None if self.weights is None else _rows(self.weights, index)
-        return Batch(inputs, targets, _length(inputs), weights)
+        return Batch(inputs, targets, size, weights)
 
 
 def _rows(tensor: torch.Tensor, index: torch.Tensor | slice) -> torch.Tensor:

@@ -38,6 +38,7 @@ class Metric:
 
     name: str = "metric"
     is_fraction: bool = False
+    counts: bool = False  # batch sums are integer counts: summed exactly in int64, without casts
 
     def __init__(self) -> None:
         self.total = torch.zeros((), dtype=torch.float64)
@@ -45,7 +46,8 @@ class Metric:
 
     def reset(self, device: torch.device) -> None:
         """Zero the sums on ``device``."""
-        self.total = torch.zeros((), dtype=accumulator_dtype(device), device=device)
+        dtype = torch.int64 if self.counts else accumulator_dtype(device)
+        self.total = torch.zeros((), dtype=dtype, device=device)
         self.count = 0
 
     def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
@@ -78,6 +80,7 @@ class Accuracy(Metric):
 
     name = "accuracy"
     is_fraction = True
+    counts = True
 
     def __init__(self, threshold: float = 0.5, mode: AccuracyMode = "auto") -> None:
         super().__init__()
@@ -87,10 +90,12 @@ class Accuracy(Metric):
     def batch_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
         multiclass = self.mode == "multiclass" or (self.mode == "auto" and outputs.dim() >= 2 and outputs.shape[1] > 1)
         if multiclass:
+            predicted = outputs.argmax(1)
             if targets.shape == outputs.shape:
                 targets = targets.argmax(1)
-            predicted = outputs.argmax(1)
-            return (predicted == targets.view(predicted.shape)).sum(), predicted.numel()
+            elif targets.shape != predicted.shape:
+                targets = targets.view(predicted.shape)
+            return (predicted == targets).sum(), predicted.numel()
         predicted = outputs.reshape(-1) > self.threshold
         return (predicted == (targets.reshape(-1) > 0.5)).sum(), predicted.numel()
 
@@ -99,6 +104,7 @@ class TopKAccuracy(Metric):
     """Share of samples whose class is among the ``k`` highest outputs."""
 
     is_fraction = True
+    counts = True
 
     def __init__(self, k: int = 5) -> None:
         super().__init__()
