@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -191,6 +192,18 @@ def test_nan_in_in_memory_data_names_the_first_row_and_column() -> None:
     x, y = linear_regression()
     y[5, 0] = float("inf")
     unchanged_after_error(nn.Linear(3, 1), tw.DataError, "targets hold 1 non-finite", train=(x, y), loss="mse")
+
+
+@pytest.mark.parametrize("row", [3, 250])  # inside and after the doctor's 8-sample probe
+def test_evaluate_explains_non_finite_results_by_the_first_bad_row(row: int) -> None:
+    x, y = blobs()
+    model = make_mlp()
+    clean = tw.evaluate(model, (x, y), loss="cross_entropy", metrics=["accuracy"])
+    assert all(math.isfinite(value) for value in clean.values())  # finite data: no scan, finite results
+    x[row, 1] = float("nan")
+    with pytest.raises(tw.DataError, match="evaluation data inputs hold 1 non-finite") as raised:
+        tw.evaluate(model, (x, y), loss="cross_entropy", metrics=["accuracy"])
+    assert f"row {row}, column 1" in str(raised.value) and "fix:" in str(raised.value)
 
 
 def test_nan_in_streamed_data_stops_at_the_first_non_finite_loss() -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from trainwell import distributed, loop
 from trainwell.callbacks import SCHEDULERS, Callback, CallbackList, LRScheduler, TerminateOnNaN, build_scheduler
 from trainwell.data import Batches, Shard, split_validation, to_batches
-from trainwell.doctor import examine
+from trainwell.doctor import examine, explain_non_finite
 from trainwell.errors import DataError, TrainwellWarning, config_error, describe
 from trainwell.history import History
 from trainwell.losses import (
@@ -472,13 +472,15 @@ def evaluate(
     _shard(batches, job, pad=False)
     model.to(target)
     diagnosis = examine(model, spec, batches, role="evaluation data", needs_targets=True, device=target,
-                        metrics=tally.metrics)  # fmt: skip
+                        metrics=tally.metrics, scan_values=False)  # fmt: skip
     _say(diagnosis.notes, job)
     run = _inference_run(model, target, tally, spec.fn if spec is not None else None)
     run.reduce = None if job is None else distributed.all_reduce_sum
     if diagnosis.has_weights and spec is not None:
         run.weighted_loss_fn = sample_weighted(spec)
-    return loop.eval_epoch(run, batches, tally)
+    results = loop.eval_epoch(run, batches, tally)
+    explain_non_finite(batches, "evaluation data", results)  # NaN results from NaN data: say where it is
+    return results
 
 
 def predict(

@@ -8,6 +8,7 @@ warning), and errors that say what is wrong, what was received and the fix. Runs
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ def examine(
     device: torch.device,
     metrics: list[Metric | ExternalMetric] | None = None,
     training: bool = False,
+    scan_values: bool = True,
 ) -> Diagnosis:
     """Check ``batches`` against ``model`` and the loss; repair what is unambiguous.
 
@@ -61,6 +63,9 @@ def examine(
         device: The model's device.
         metrics: The metrics that will be computed (checked against the targets).
         training: Whether the model will be trained on the data (BatchNorm checks).
+        scan_values: Look for NaN/inf in in-memory data now (one pass over it). Training must,
+            before any step; ``evaluate`` passes False and calls ``explain_non_finite`` only
+            when its results are not finite.
 
     Returns:
         The diagnosis (notes to show, whether sample weights are present).
@@ -69,7 +74,7 @@ def examine(
         DataError: A mistake with no unambiguous repair.
     """
     diagnosis = Diagnosis()
-    if isinstance(batches, TensorBatches):
+    if scan_values and isinstance(batches, TensorBatches):
         _check_finite(batches, role)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad(), preserved_modes(model, training=False):
@@ -93,6 +98,13 @@ def examine(
     if training:
         _handle_single_sample_batches(model, batches, diagnosis)
     return diagnosis
+
+
+def explain_non_finite(batches: Batches, role: str, results: dict[str, float]) -> None:
+    """After a pass whose ``results`` hold NaN or inf: when the in-memory data holds them,
+    raise the error that names the first bad row (as ``examine`` does before training)."""
+    if isinstance(batches, TensorBatches) and not all(map(math.isfinite, results.values())):
+        _check_finite(batches, role)
 
 
 def _check_finite(batches: TensorBatches, role: str) -> None:
