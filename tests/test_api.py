@@ -190,6 +190,51 @@ def test_optimizer_options_are_forwarded_and_instances_used_as_given(mlp: nn.Mod
     assert seen[1] is mine
 
 
+class _Optimizers(tw.Callback):
+    def __init__(self) -> None:
+        self.seen: list[torch.optim.Optimizer] = []
+
+    def on_fit_start(self, run: tw.Run) -> None:
+        assert run.optimizer is not None
+        self.seen.append(run.optimizer)
+
+
+def test_named_optimizers_use_torchs_fused_kernel_unless_told_otherwise() -> None:
+    x, y = blobs()
+    grab = _Optimizers()
+    for name in ("sgd", "adam", "adamw"):
+        tw.fit(make_mlp(), (x, y), loss="cross_entropy", optimizer=name, callbacks=[grab], progress=False)
+    tw.fit(make_mlp(), (x, y), loss="cross_entropy", optimizer="adam", foreach=True, callbacks=[grab], progress=False)
+    tw.fit(make_mlp(), (x, y), loss="cross_entropy", optimizer="rmsprop", callbacks=[grab], progress=False)
+    fused = [optimizer.defaults.get("fused") for optimizer in grab.seen]
+    assert fused == [True, True, True, None, None]  # the user's foreach wins; RMSprop has no fused kernel
+    assert grab.seen[3].defaults["foreach"] is True
+
+
+def test_fused_sgd_trains_exactly_like_torchs_default_sgd() -> None:
+    x, y = blobs()
+    model, reference = make_mlp(), make_mlp()
+    reference.load_state_dict(model.state_dict())
+    tw.fit(model, (x, y), loss="cross_entropy", optimizer="sgd", lr=0.1, momentum=0.9, batch_size=len(x), epochs=5,
+           progress=False)  # fmt: skip
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(5):  # one full batch per epoch: the order does not matter
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(reference(x), y).backward()
+        optimizer.step()
+    for trained, expected in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(trained, expected, rtol=0, atol=1e-6)
+
+
+def test_sparse_gradients_keep_the_unfused_optimizer() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 2))
+    x, y = torch.randint(0, 10, (64, 2)), torch.randint(0, 2, (64,))
+    grab = _Optimizers()
+    history = tw.fit(model, (x, y), loss="cross_entropy", optimizer="sgd", lr=0.1, epochs=2, callbacks=[grab],
+                     progress=False)  # fmt: skip
+    assert grab.seen[0].defaults.get("fused") is None and history.epochs == 2
+
+
 def test_evaluate_averages_over_samples(mlp: nn.Module, classification: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, y = classification
     results = tw.evaluate(mlp, (x, y), loss="cross_entropy", metrics=["accuracy"], batch_size=7)

@@ -94,7 +94,36 @@ def build_optimizer(
         raise unknown_name_error("optimizer", optimizer, OPTIMIZERS)
     entry = OPTIMIZERS[optimizer]
     _check_options(optimizer, entry.factory, options)
-    return entry.factory(trainable, lr=entry.default_lr if lr is None else lr, **options)
+    arguments = {"lr": entry.default_lr if lr is None else lr, **options}
+    if _fused_applies(entry.factory, model, trainable, options):
+        try:
+            return entry.factory(trainable, **arguments, fused=True)
+        except RuntimeError:  # a device or dtype this torch has no fused kernel for
+            pass
+    return entry.factory(trainable, **arguments)
+
+
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def _fused_applies(
+    factory: Callable[..., Any], model: nn.Module, trainable: list[nn.Parameter], options: Mapping[str, Any]
+) -> bool:
+    """Whether to ask for torch's fused kernel: one kernel updates every parameter, instead of a
+    few per parameter (SGD on the MLP of benchmark (a): 34 us a step instead of 55 on the CPU; on
+    GPUs it is the fastest implementation). Not when the user chose ``fused``/``foreach``/
+    ``differentiable``, for sparse gradients (``nn.Embedding(sparse=True)``), or for parameters
+    that are not floating point on one device of ``FUSED_DEVICES``."""
+    if "fused" not in inspect.signature(factory).parameters or {"fused", "foreach", "differentiable"} & set(options):
+        return False
+    if any(getattr(module, "sparse", False) is True for module in model.modules()):
+        return False
+    devices = {parameter.device for parameter in trainable}
+    return (
+        len(devices) == 1
+        and next(iter(devices)).type in FUSED_DEVICES
+        and all(parameter.is_floating_point() for parameter in trainable)
+    )
 
 
 def _check_options(name: str, factory: Callable[..., Any], options: Mapping[str, Any]) -> None:
