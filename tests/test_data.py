@@ -8,7 +8,18 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import trainwell as tw
-from trainwell.data import DatasetBatches, LoaderBatches, TensorBatches, epoch_order, split_validation, to_batches
+from trainwell import data as data_module
+from trainwell.data import (
+    DatasetBatches,
+    InMemory,
+    LoaderBatches,
+    Shard,
+    TensorBatches,
+    epoch_order,
+    fits_on_device,
+    split_validation,
+    to_batches,
+)
 
 CPU = torch.device("cpu")
 
@@ -86,3 +97,35 @@ def test_batches_of_unexpected_shape_are_explained() -> None:
     x = torch.randn(4, 2)
     with pytest.raises(tw.DataError, match=r"Each batch must be \(inputs, targets\)"):
         tw.fit(torch.nn.Linear(2, 1), [(x, x, x, x)], loss="mse", progress=False)
+
+
+# No GPU exists here. The "meta" device (tensors with shapes but no storage) stands in for it to
+# check the plumbing of data kept on the device, and torch.cuda.mem_get_info is replaced to
+# check the decision; neither says anything about speed.
+@pytest.mark.parametrize("sharded", [False, True])
+def test_in_memory_data_that_fits_moves_to_the_device_once(monkeypatch: pytest.MonkeyPatch, sharded: bool) -> None:
+    monkeypatch.setattr(data_module, "fits_on_device", lambda nbytes, device: True)
+    x, y = torch.randn(50, 3), torch.randint(0, 2, (50,))
+    batches, on_cpu = (
+        TensorBatches(InMemory(x, y), batch_size=16, shuffle=True, seed=0, device=torch.device(device))
+        for device in ("meta", "cpu")
+    )
+    if sharded:
+        for each in (batches, on_cpu):
+            each.set_shard(Shard(rank=1, world_size=2, pad=True))
+    for epoch in range(2):
+        delivered, expected = list(batches.for_epoch(epoch)), list(on_cpu.for_epoch(epoch))
+        assert batches.data.inputs.device.type == "meta" and batches.data.targets.device.type == "meta"
+        assert all(batch.inputs.device.type == "meta" and batch.targets.device.type == "meta" for batch in delivered)
+        assert [batch.size for batch in delivered] == [batch.size for batch in expected]
+        assert [batch.inputs.shape for batch in delivered] == [batch.inputs.shape for batch in expected]
+        assert [batch.share for batch in delivered] == [batch.share for batch in expected]
+
+
+def test_data_is_kept_on_a_gpu_only_when_it_takes_at_most_a_quarter_of_the_free_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 16 * 2**30))  # a GPU, 8 GiB free
+    cuda = torch.device("cuda")
+    assert fits_on_device(2 * 2**30, cuda) and not fits_on_device(2 * 2**30 + 1, cuda)
+    assert not fits_on_device(10, torch.device("cpu"))  # the CPU: the data already is where the model is

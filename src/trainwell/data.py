@@ -152,10 +152,40 @@ class InMemory:
         weights = None if self.weights is None else _rows(self.weights, index)
         return Batch(inputs, targets, size, weights)
 
+    def nbytes(self) -> int:
+        """The memory its tensors take."""
+        tensors = [*_leaves(self.inputs), self.targets, self.weights]
+        return sum(tensor.nbytes for tensor in tensors if isinstance(tensor, torch.Tensor))
+
+    def to(self, device: torch.device) -> InMemory:
+        """The same data on ``device``."""
+
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(device)
+
+        targets = None if self.targets is None else move(self.targets)
+        weights = None if self.weights is None else move(self.weights)
+        return InMemory(_map_tensors(self.inputs, move), targets, weights)
+
+
+DEVICE_DATA_SHARE = 0.25
+
+
+def fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether in-memory data of ``nbytes`` should live on ``device`` for the whole fit: on a
+    GPU, when it takes at most ``DEVICE_DATA_SHARE`` of the free memory (the rest is left to the
+    model, its gradients, optimizer state and activations)."""
+    if device.type != "cuda":
+        return False
+    free, _total = torch.cuda.mem_get_info(device)
+    return nbytes <= free * DEVICE_DATA_SHARE
+
 
 def _rows(tensor: torch.Tensor, index: torch.Tensor | slice) -> torch.Tensor:
     if isinstance(index, slice):
         return tensor[index]
+    if index.device != tensor.device:
+        index = index.to(tensor.device, non_blocking=True)
     return tensor.index_select(0, index)
 
 
@@ -171,7 +201,12 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 class TensorBatches:
-    """In-memory data batched by slicing a shuffled index (no per-sample indexing or collate)."""
+    """In-memory data batched by slicing a shuffled index (no per-sample indexing or collate).
+
+    On a GPU the data moves there once, at the first epoch, when it fits (``fits_on_device``):
+    each step then gathers its batch on the device, with no host-to-device copy. Otherwise each
+    batch is gathered on the host into pinned memory and copied without blocking.
+    """
 
     def __init__(self, data: InMemory, *, batch_size: int, shuffle: bool, seed: int, device: torch.device) -> None:
         self.data = data
@@ -184,6 +219,12 @@ class TensorBatches:
         self.drops_single_last = False
         self._drop_last = False
         self.shard: Shard | None = None
+        self.on_device = device.type == "cpu"
+
+    def _keep_on_device(self) -> None:
+        if not self.on_device and fits_on_device(self.data.nbytes(), self.device):
+            self.data = self.data.to(self.device)
+            self.on_device = True
 
     def set_shard(self, shard: Shard) -> None:
         """Deliver only this process's share of each batch."""
@@ -207,10 +248,12 @@ class TensorBatches:
         self.num_batches = len(self.data) // self.batch_size if value else -(-len(self.data) // self.batch_size)
 
     def for_epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        self._keep_on_device()
         total, end = len(self.data), self._end()
-        order = epoch_order(total, self.seed, epoch) if self.shuffle else None
+        where = self.device if self.on_device else torch.device("cpu")  # where the steps slice the order
+        order = epoch_order(total, self.seed, epoch).to(where) if self.shuffle else None
         if self.shard is not None:
-            positions = (torch.arange(total) if order is None else order)[:end]
+            positions = (torch.arange(total, device=where) if order is None else order)[:end]
             for rows, size, share in self.shard.windows(positions, self.batch_size, skip):
                 yield _to_device(self.data.take(rows)._replace(size=size, share=share), self.device)
             return
@@ -633,6 +676,8 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
         return batch
 
     def move(tensor: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+            tensor = tensor.pin_memory()  # a copy from pinned memory does not block the host
         return tensor.to(device, non_blocking=True)
 
     targets = None if batch.targets is None else move(batch.targets)
