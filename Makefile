@@ -17,6 +17,10 @@ $(VENV)/.dev-installed: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) -e ".[cli,dev]"
 	touch $@
 
+$(VENV)/.bench-installed: $(VENV)/.dev-installed
+	$(PIP) -e ".[cli,dev,bench]"
+	touch $@
+
 demo: $(VENV)/.demo-installed
 	$(BIN)/trainwell train --data digits
 
@@ -26,7 +30,7 @@ test: $(VENV)/.dev-installed
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
-bench: $(VENV)/.dev-installed
+bench: $(VENV)/.bench-installed
 	$(BIN)/python benchmarks/run.py
 
 clean:

@@ -229,6 +229,15 @@ def notes(rows: Sequence[Row], measurements: Sequence[dict[str, Any]]) -> list[s
     return found
 
 
+def display_cost_line(result: dict[str, Any]) -> str:
+    """``trainwell runs at 0.998x ... with the display on`` from a ``display_cost`` worker result."""
+    ratios = sorted(result["speed_ratios"])
+    return (
+        f"trainwell runs at {result['median_speed_ratio']:.3f}x its speed without the display "
+        f"(median of {result['pairs']} pairs, range {ratios[0]:.3f}-{ratios[-1]:.3f})"
+    )
+
+
 def is_disturbed(measurement: dict[str, Any]) -> bool:
     """Whether other processes used more than DISTURBED of the machine during any timed phase."""
     return any(float(phase["foreign_load"]) > DISTURBED for phase in measurement.get("phases", {}).values())

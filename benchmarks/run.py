@@ -260,6 +260,15 @@ def run_rounds(plan: dict[str, list[str]], samples: dict[str, int], args: argpar
     return measurements
 
 
+def measure_display_cost(samples: int, env: dict[str, str]) -> dict[str, Any]:
+    """The live display's cost on workload (a), measured in pairs inside one worker."""
+    wait_for_quiet()
+    result = run_in_worker("display_cost", "a", samples, env)
+    if result["ok"]:
+        print(f"Display cost: {report.display_cost_line(result)}", flush=True)
+    return result
+
+
 def _progress(result: dict[str, Any], started: float) -> str:
     retried = f", {len(result['earlier_attempts'])} disturbed attempt(s) re-run" if result["earlier_attempts"] else ""
     wall = f"[{time.perf_counter() - started:.0f}s wall{retried}]"
@@ -298,6 +307,10 @@ def publish(args: argparse.Namespace, context: dict[str, Any], measurements: lis
     context["torch_threads"] = done[0]["torch_threads"] if done else "unknown"
     rows = report.summarize(measurements, plan, phases)
     findings = report.notes(rows, measurements)
+    if context.get("display_cost", {}).get("ok"):
+        findings.insert(
+            0, "(a) the live display, paired in one process: " + report.display_cost_line(context["display_cost"])
+        )
     if context["source_digest"] != _digest(trainwell_source()):
         findings.append("trainwell's source changed while this ran; every worker used the copy taken at the start.")
     print("\n" + report.text_table(rows) + "\n")
@@ -330,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         context["imports"] = measure_imports(QUICK_IMPORT_REPEATS if args.quick else IMPORT_REPEATS, args.env)
         print(f"Import: {import_line(context['imports'])}", flush=True)
         measurements = run_rounds(plan, samples, args)
+        if "a" in plan:
+            context["display_cost"] = measure_display_cost(samples["a"], args.env)
     publish(args, context, measurements)
     return 0
 

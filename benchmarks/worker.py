@@ -131,11 +131,35 @@ def _score(
     return phases
 
 
+DISPLAY_PAIRS = 15
+DISPLAY_COST = "display_cost"
+
+
+def _display_cost(workload: Workload, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+    """The live display's cost measured in pairs in one process: each pair trains one epoch with
+    the display (to the pseudo-terminal) and one without, back to back, in alternating order.
+    Between fresh processes the noise is several percent; within a pair it is far smaller."""
+    ratios = []
+    for pair in range(DISPLAY_PAIRS + 1):
+        seconds = {}
+        for display in (True, False) if pair % 2 else (False, True):
+            task = TrainTask(
+                build_model(workload.architecture), inputs, targets, workload.batch_size, workload.architecture
+            )
+            trainer = TRAINERS["trainwell" if display else "trainwell_quiet"]
+            with terminal_stdout(SinkReport()) if display else contextlib.nullcontext():
+                seconds[display] = _timed(trainer, task, None)["seconds"]
+        if pair:  # the first pair warms up
+            ratios.append(seconds[False] / seconds[True])
+    return {"pairs": len(ratios), "speed_ratios": ratios, "median_speed_ratio": sorted(ratios)[len(ratios) // 2]}
+
+
 def run_worker(contender: str, workload_key: str, samples: int | None, profile_lines: int = 0) -> dict[str, Any]:
     """Measure ``contender`` on one workload and return the raw numbers.
 
     Args:
-        contender: A key of ``TRAINERS``, ``FRAMEWORK_TRAINERS`` or (workload e) ``SCORERS``.
+        contender: A key of ``TRAINERS``, ``FRAMEWORK_TRAINERS`` or (workload e) ``SCORERS``;
+            or ``display_cost`` for the paired measurement of the live display.
         workload_key: A key of ``WORKLOADS``.
         samples: How many samples (None: the workload's full size).
         profile_lines: When > 0, profile the timed region with cProfile and print this many
@@ -145,6 +169,10 @@ def run_worker(contender: str, workload_key: str, samples: int | None, profile_l
     count = samples or workload.samples
     inputs, targets = make_data(count, workload.architecture)
     torch.manual_seed(SHUFFLE_SEED)
+    if contender == DISPLAY_COST:
+        return {"contender": contender, "workload": workload_key, "samples": count} | _display_cost(
+            workload, inputs, targets
+        )
     profiler = cProfile.Profile() if profile_lines > 0 else None
     sink = SinkReport()
     if workload.kind == "inference":
