@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import re
 
 import pytest
@@ -68,6 +69,28 @@ def test_refreshes_are_rate_limited(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tw.Run, "running_logs", lambda run: reads.append(1) or original(run))
     train(epochs=1)
     assert reads == []  # 30 steps, no refresh due: the sums were never read during the epoch
+
+
+def test_refreshes_keep_their_pace_while_most_steps_skip_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Clock:  # steps of exactly 1 ms: the display's reads of the clock are counted
+        now, reads = 0.0, 0
+
+        def perf_counter(self) -> float:
+            self.reads += 1
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(progress, "time", clock)
+    monkeypatch.setattr("sys.stdout", FakeTerminal())
+    refreshes: list[float] = []
+    original = tw.Run.running_logs
+    monkeypatch.setattr(tw.Run, "running_logs", lambda run: refreshes.append(clock.now) or original(run))
+    tick = tw.LambdaCallback(on_train_batch_start=lambda run: setattr(clock, "now", clock.now + 0.001))
+    x, y = blobs(samples=1000)
+    tw.fit(make_mlp(), (x, y), loss="cross_entropy", batch_size=1, epochs=1, callbacks=[tick], progress=True)
+    assert len(refreshes) == 9  # 1 s of steps: a refresh every 0.1 s after the first
+    assert all(0.1 <= later - earlier <= 0.11 for earlier, later in itertools.pairwise(refreshes))
+    assert clock.reads < 120  # rather than one per step (1,000)
 
 
 def test_progress_false_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:

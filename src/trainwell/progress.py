@@ -67,6 +67,8 @@ class ProgressDisplay(Callback):
         self.epoch_started = 0.0
         self.last_refresh = 0.0
         self.last_line = 0.0
+        self.first_batch = 0  # batches_done when this epoch's display began (> 0 after a resume)
+        self.next_check = 0  # the batch at which to read the clock again
 
     def _out(self) -> IO[str]:
         return self.stream if self.stream is not None else sys.stdout
@@ -79,6 +81,8 @@ class ProgressDisplay(Callback):
 
     def on_epoch_start(self, run: Run) -> None:
         self.epoch_started = self.last_refresh = self.last_line = time.perf_counter()
+        self.first_batch = run.batches_done
+        self.next_check = run.batches_done + 1
         if self.mode == "lines":
             return
         assert run.train_batches is not None
@@ -96,10 +100,15 @@ class ProgressDisplay(Callback):
         )
 
     def on_train_batch_end(self, run: Run) -> None:
+        if run.batches_done < self.next_check:
+            return
         now = time.perf_counter()
-        if now - self.last_refresh < REFRESH_SECONDS:
+        wait = REFRESH_SECONDS - (now - self.last_refresh)
+        if wait > 0:
+            self._check_again_in(wait, run, now)
             return
         self.last_refresh = now
+        self._check_again_in(REFRESH_SECONDS, run, now)
         if self.bar is not None:
             self.bar.metrics = format_logs(run.running_logs(), self._fractions(run))
             self.bar.update(run.batches_done - self.bar.n)
@@ -109,6 +118,13 @@ class ProgressDisplay(Callback):
             position = f"{run.batches_done}/{total if total is not None else '?'}"
             logs = format_logs(run.running_logs(), self._fractions(run))
             self._print(f"{self._title(run)}  {position}  {logs}  {_seconds(now - self.epoch_started)}")
+
+    def _check_again_in(self, seconds: float, run: Run, now: float) -> None:
+        """Skip the clock for the batches that half of ``seconds`` takes at this epoch's pace, so
+        most steps cost one comparison and the refreshes stay ~REFRESH_SECONDS apart."""
+        elapsed = now - self.epoch_started
+        per_second = (run.batches_done - self.first_batch) / elapsed if elapsed > 0 else 0.0
+        self.next_check = run.batches_done + max(1, int(per_second * seconds / 2))
 
     def on_eval_start(self, run: Run) -> None:
         if self.bar is not None:
