@@ -164,6 +164,7 @@ def _bar_class(notebook: bool) -> type[Any]:
 
     class EpochBar(base):  # type: ignore[misc]
         metrics = ""
+        monitor_interval = 0  # no monitor thread: the refresh rate is set by on_train_batch_end
 
         @property
         def format_dict(self) -> dict[str, Any]:
