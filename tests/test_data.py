@@ -113,13 +113,16 @@ def test_in_memory_data_that_fits_moves_to_the_device_once(monkeypatch: pytest.M
     if sharded:
         for each in (batches, on_cpu):
             each.set_shard(Shard(rank=1, world_size=2, pad=True))
+    moved = []
     for epoch in range(2):
         delivered, expected = list(batches.for_epoch(epoch)), list(on_cpu.for_epoch(epoch))
+        moved.append(batches.data)
         assert batches.data.inputs.device.type == "meta" and batches.data.targets.device.type == "meta"
         assert all(batch.inputs.device.type == "meta" and batch.targets.device.type == "meta" for batch in delivered)
         assert [batch.size for batch in delivered] == [batch.size for batch in expected]
         assert [batch.inputs.shape for batch in delivered] == [batch.inputs.shape for batch in expected]
         assert [batch.share for batch in delivered] == [batch.share for batch in expected]
+    assert moved[0] is moved[1]  # moved at the first epoch only
 
 
 def test_data_is_kept_on_a_gpu_only_when_it_takes_at_most_a_quarter_of_the_free_memory(
