@@ -40,6 +40,11 @@ def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return cleaned
 
 
+def weights_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict without wrapper prefixes, detached and on the CPU: what is saved."""
+    return {key: value.detach().cpu() for key, value in clean_state_dict(model.state_dict()).items()}
+
+
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to ``path`` so that a crash leaves either the old file or the new one."""
     buffer = io.BytesIO()
@@ -88,8 +93,7 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
         >>> load_weights(nn.Linear(2, 1), path)
         <All keys matched successfully>
     """
-    state = {key: value.detach().cpu() for key, value in clean_state_dict(model.state_dict()).items()}
-    return atomic_save(state, path)
+    return atomic_save(weights_on_cpu(model), path)
 
 
 def safe_load(path: str | Path) -> Any:

@@ -26,7 +26,7 @@ import torch
 
 from trainwell import distributed
 from trainwell.callbacks import Callback
-from trainwell.checkpoint import atomic_write, clean_state_dict, safe_load
+from trainwell.checkpoint import atomic_write, clean_state_dict, safe_load, weights_on_cpu
 from trainwell.errors import DataError, TrainingInterrupted, TrainwellWarning, config_error
 from trainwell.run import Run
 
@@ -57,7 +57,7 @@ def training_state(run: Run, *, epoch: int, batches_done: int, per_process: Any)
     assert run.optimizer is not None
     return {
         "format": FORMAT_VERSION,
-        "model": {key: value.detach().cpu() for key, value in clean_state_dict(run.module.state_dict()).items()},
+        "model": weights_on_cpu(run.module),
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.precision.scaler.state_dict(),
         "callbacks": {
