@@ -279,6 +279,19 @@ def test_finished_runs_are_a_no_op_and_more_epochs_continue(tmp_path: Path) -> N
     assert more["loss"][2:] == pytest.approx(golden["loss"][2:], rel=1e-6)
 
 
+def test_resuming_from_a_path_without_a_checkpoint_dir_continues_and_saves_nothing(tmp_path: Path) -> None:
+    golden = fit_with_checkpoints(tmp_path / "golden", epochs=3)
+    fit_with_checkpoints(tmp_path / "run", epochs=1)
+    saved = sorted(path.name for path in (tmp_path / "run").iterdir())
+    handlers: list[Any] = []
+    watch = tw.LambdaCallback(on_epoch_end=lambda run: handlers.append(signal.getsignal(signal.SIGINT)))
+    default = signal.getsignal(signal.SIGINT)
+    more = fit_with_checkpoints(tmp_path, epochs=3, checkpoint_dir=None, resume=tmp_path / "run", callbacks=[watch])
+    assert more["loss"] == pytest.approx(golden["loss"], rel=1e-6)
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == saved  # nowhere to save: nothing written
+    assert handlers == [default, default]  # Ctrl-C is not taken over when it could not save anything
+
+
 def test_resume_true_without_a_checkpoint_is_an_error_and_auto_starts_fresh(tmp_path: Path) -> None:
     with pytest.raises(tw.ConfigError, match="no intact checkpoint"):
         fit_with_checkpoints(tmp_path, resume=True)

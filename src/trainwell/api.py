@@ -34,7 +34,15 @@ from trainwell.models import float_dtype, preserved_modes
 from trainwell.optimizers import build_optimizer
 from trainwell.precision import PrecisionName, build_precision
 from trainwell.progress import ProgressDisplay, choose_mode
-from trainwell.resume import Checkpointer, check_writable, differences, fingerprint, load_checkpoint, nothing_left
+from trainwell.resume import (
+    Checkpointer,
+    Restorer,
+    check_writable,
+    differences,
+    fingerprint,
+    load_checkpoint,
+    nothing_left,
+)
 from trainwell.run import Run, StepFn
 
 MetricArg = str | MetricFn | Metric | ExternalMetric
@@ -196,8 +204,10 @@ def fit(
         added.append(_scheduler_callback(scheduler, epochs, steps, val_batches is not None))
     if terminate_on_nan is True or (terminate_on_nan == "auto" and target.type == "cpu"):
         added.append(TerminateOnNaN())
-    if directory is not None or state is not None:
+    if directory is not None:
         added.append(Checkpointer(directory, checkpoint_every, state))
+    elif state is not None:  # resuming from a file, saving nowhere: no per-step hook, no signal handlers
+        added.append(Restorer(state))
     everything = [*callbacks, *added, *_display(progress, job)]
     keys = Tally(train_metrics).keys + (Tally(val_metrics, prefix="val_").keys if val_batches is not None else [])
     _check_monitors(everything, keys)

@@ -198,7 +198,21 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     _set_random_states(mine["random"])
 
 
-class Checkpointer(Callback):
+class Restorer(Callback):
+    """Puts a saved training state back at the start of ``fit``: after the user's callbacks'
+    ``on_fit_start``, so that their restored state is what they train with. Used alone when
+    ``fit`` resumes from a file without a ``checkpoint_dir`` to save into."""
+
+    def __init__(self, state: dict[str, Any] | None) -> None:
+        self.state = state
+
+    def on_fit_start(self, run: Run) -> None:
+        if self.state is not None:
+            restore(run, self.state)
+            self.state = None
+
+
+class Checkpointer(Restorer):
     """Saves the training state at the end of every epoch and every ``every_n_steps`` optimizer
     steps; restores a saved state at the start of ``fit``; turns Ctrl-C / SIGTERM into "finish
     the current step, save, raise ``TrainingInterrupted``".
@@ -207,19 +221,15 @@ class Checkpointer(Callback):
     when saved) and before the display.
     """
 
-    def __init__(
-        self, directory: Path | None, every_n_steps: int | None = None, state: dict[str, Any] | None = None
-    ) -> None:
+    def __init__(self, directory: Path, every_n_steps: int | None = None, state: dict[str, Any] | None = None) -> None:
+        super().__init__(state)
         self.directory = directory
         self.every_n_steps = every_n_steps
-        self.state = state
         self.signal_number: int | None = None
         self.previous_handlers: dict[int, Any] = {}
 
     def on_fit_start(self, run: Run) -> None:
-        if self.state is not None:
-            restore(run, self.state)
-            self.state = None
+        super().on_fit_start(run)
         # In a torchrun job, torchrun itself stops and restarts the processes; a signal seen by
         # the ranks at different steps could not be turned into one common stop without a
         # collective per step, so there the periodic checkpoints are what resuming uses.
@@ -252,8 +262,6 @@ class Checkpointer(Callback):
         self.previous_handlers = {}
 
     def _save(self, run: Run, epoch: int, batches_done: int) -> None:
-        if self.directory is None:
-            return
         mine = {"random": _random_states(), "tally": run.train_tally.state_dict()}
         per_process = mine if run.world_size == 1 else distributed.gather(mine)
         if run.is_main_process:
