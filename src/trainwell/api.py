@@ -209,8 +209,8 @@ def fit(
     elif state is not None:  # resuming from a file, saving nowhere: no per-step hook, no signal handlers
         added.append(Restorer(state))
     everything = [*callbacks, *added, *_display(progress, job)]
-    keys = Tally(train_metrics).keys + (Tally(val_metrics, prefix="val_").keys if val_batches is not None else [])
-    _check_monitors(everything, keys)
+    train_tally, val_tally = Tally(train_metrics), Tally(val_metrics, prefix="val_")
+    _check_monitors(everything, train_tally.keys + (val_tally.keys if val_batches is not None else []))
     runnable = cast(nn.Module, torch.compile(model)) if compile else model
     run = Run(
         model=runnable if job is None else distributed.wrap(runnable, target),
@@ -218,8 +218,8 @@ def fit(
         optimizer=built_optimizer,
         loss_fn=spec.fn,
         weighted_loss_fn=sample_weighted(spec) if diagnosis.has_weights else None,
-        train_tally=Tally(train_metrics),
-        val_tally=Tally(val_metrics, prefix="val_"),
+        train_tally=train_tally,
+        val_tally=val_tally,
         precision=mixed,
         device=target,
         callbacks=CallbackList(everything),
