@@ -202,6 +202,11 @@ def test_tensorboard_event_files_hold_the_scalars(tmp_path: Path) -> None:
         assert [event.step for event in scalars] == [1, 2, 3]
         assert [event.value for event in scalars] == pytest.approx(history[key], rel=1e-6)
     assert [event.step for event in events.Scalars("batch/loss")] == [4, 8, 12, 16, 20, 24]
+    tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=3, val_split=0.2, batch_size=30, grad_accum_steps=2,
+           callbacks=[tw.TensorBoard(tmp_path / "accumulated", every_n_steps=4)], progress=False)  # fmt: skip
+    accumulated = EventAccumulator(str(tmp_path / "accumulated"))
+    accumulated.Reload()
+    assert [event.step for event in accumulated.Scalars("batch/loss")] == [4, 8, 12]  # once per optimizer step
 
 
 def test_terminate_on_nan_keeps_the_last_finite_weights() -> None:

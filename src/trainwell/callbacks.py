@@ -480,7 +480,8 @@ class TensorBoard(Callback):
 
     def _log_step(self, run: Run) -> None:
         assert self.every_n_steps is not None
-        if self.writer is not None and run.loss is not None and run.global_step % self.every_n_steps == 0:
+        at_step = run.window_batches == 0  # with gradient accumulation, only once a window is stepped
+        if self.writer is not None and run.loss is not None and at_step and run.global_step % self.every_n_steps == 0:
             self.writer.add_scalar("batch/loss", run.loss.item(), run.global_step)
 
     def on_epoch_end(self, run: Run) -> None:
