@@ -19,7 +19,7 @@ from trainwell import distributed, loop
 from trainwell.callbacks import SCHEDULERS, Callback, CallbackList, LRScheduler, TerminateOnNaN, build_scheduler
 from trainwell.data import Batches, Shard, split_validation, to_batches
 from trainwell.doctor import examine, explain_non_finite
-from trainwell.errors import DataError, TrainwellWarning, config_error, describe
+from trainwell.errors import DataError, TrainwellWarning, check_count, config_error, describe
 from trainwell.history import History
 from trainwell.losses import (
     LossFn,
@@ -253,7 +253,7 @@ def _resolve_seed(seed: int | None, state: dict[str, Any] | None, job: distribut
     if seed is None:
         drawn = int(torch.randint(0, 2**62, ()).item())
         return drawn if job is None else int(distributed.broadcast(drawn))
-    _check_count("seed", seed, minimum=0)
+    check_count("seed", seed, minimum=0)
     torch.manual_seed(seed)
     return seed
 
@@ -290,7 +290,7 @@ def _checkpointing(
     if directory is not None:
         check_writable(directory)
     if checkpoint_every is not None:
-        _check_count("checkpoint_every", checkpoint_every)
+        check_count("checkpoint_every", checkpoint_every)
         if directory is None:
             raise config_error(
                 "checkpoint_every needs checkpoint_dir.",
@@ -360,8 +360,8 @@ def _check_fit_arguments(
 ) -> None:
     """The checks of fit's plain arguments, before anything is built."""
     _check_model(model)
-    _check_count("epochs", epochs)
-    _check_count("batch_size", batch_size)
+    check_count("epochs", epochs)
+    check_count("batch_size", batch_size)
     _check_choice("shuffle", shuffle, (True, False))
     _check_choice("progress", progress, (True, False, "auto"))
     if isinstance(val_split, bool) or not isinstance(val_split, (int, float)) or not 0 <= val_split < 1:
@@ -374,7 +374,7 @@ def _check_fit_arguments(
             f"val={describe(val)}, val_split={val_split}",
             "drop val_split to use the given validation data.",
         )
-    _check_count("grad_accum_steps", grad_accum_steps)
+    check_count("grad_accum_steps", grad_accum_steps)
     _check_choice("compile", compile, (True, False))
     _check_choice("terminate_on_nan", terminate_on_nan, (True, False, "auto"))
     for name, clip in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
@@ -467,7 +467,7 @@ def evaluate(
         ['accuracy', 'loss']
     """
     _check_model(model)
-    _check_count("batch_size", batch_size)
+    check_count("batch_size", batch_size)
     if loss is None and not metrics:
         raise config_error(
             "evaluate needs a loss or metrics to compute.",
@@ -521,7 +521,7 @@ def predict(
         torch.Size([10, 3])
     """
     _check_model(model)
-    _check_count("batch_size", batch_size)
+    check_count("batch_size", batch_size)
     job = distributed.setup()
     target = _job_device(job, device)
     batches = to_batches(data, batch_size=batch_size, shuffle=False, seed=0, device=target, dtype=float_dtype(model))
@@ -618,13 +618,6 @@ def _check_model(model: Any) -> None:
             "model must be a torch.nn.Module.",
             describe(model),
             "pass the module itself, e.g. fit(nn.Linear(4, 1), ...), not its outputs or a class.",
-        )
-
-
-def _check_count(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise config_error(
-            f"{name} must be an integer >= {minimum}.", f"{name}={value!r}", f"pass {name}={max(minimum, 1)} or more."
         )
 
 

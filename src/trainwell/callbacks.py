@@ -15,7 +15,7 @@ from typing import IO, Any, Literal, get_args
 
 import torch
 
-from trainwell.errors import config_error, describe, unknown_name_error
+from trainwell.errors import check_count, config_error, describe, unknown_name_error
 from trainwell.run import Hook, Run
 
 HOOKS: tuple[Hook, ...] = get_args(Hook)
@@ -174,8 +174,7 @@ class EarlyStopping(Callback):
         min_delta: float = 0.0,
         restore_best_weights: bool = True,
     ) -> None:
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise config_error("patience must be an integer >= 0.", f"patience={patience!r}", "pass e.g. patience=3.")
+        check_count("patience", patience, minimum=0)
         self.monitor = monitor
         self.tracker = Monitor(monitor, mode, min_delta)
         self.patience = patience

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from trainwell.callbacks import Callback, Mode, Monitor
-from trainwell.errors import config_error, data_error
+from trainwell.errors import check_count, config_error, data_error
 from trainwell.run import Run
 
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -178,10 +178,7 @@ class ModelCheckpoint(Callback):
         save_best_only: bool = False,
         every_n_epochs: int = 1,
     ) -> None:
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise config_error(
-                "every_n_epochs must be an integer >= 1.", f"every_n_epochs={every_n_epochs!r}", "pass 1 or more."
-            )
+        check_count("every_n_epochs", every_n_epochs)
         self.path = str(path)
         self.monitor = monitor
         self.tracker = Monitor(monitor, mode)

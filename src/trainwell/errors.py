@@ -74,6 +74,18 @@ def data_error(what: str, received: str, fix: str) -> DataError:
     return DataError(format_message(what, received, fix))
 
 
+def check_count(name: str, value: Any, minimum: int = 1) -> None:
+    """Raise ``ConfigError`` unless ``value`` is an integer (not a bool) >= ``minimum``.
+
+    Example:
+        >>> check_count("patience", 0, minimum=0)
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise config_error(
+            f"{name} must be an integer >= {minimum}.", f"{name}={value!r}", f"pass {name}={max(minimum, 1)} or more."
+        )
+
+
 def unknown_name_error(kind: str, name: str, known: Iterable[str]) -> ConfigError:
     """An unknown registry name: lists the known names and the closest match.
 
