@@ -153,7 +153,7 @@ def _forward(model: nn.Module, sample: Batch, batches: Batches, role: str, diagn
                 outputs = None
             if outputs is not None:
                 batches.repair(fix)
-                received = ", ".join(sorted({str(leaf.dtype).removeprefix("torch.") for leaf in leaves}))
+                received = ", ".join(sorted({_name(leaf.dtype) for leaf in leaves}))
                 diagnosis.notes.append(f"The {role} inputs ({received}) were cast to the model's {_name(dtype)}.")
                 return outputs, fix(sample)
         raise _forward_error(model, sample, role, error) from error
