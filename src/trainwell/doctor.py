@@ -21,7 +21,7 @@ from trainwell.data import Batch, Batches, TensorBatches
 from trainwell.errors import data_error, describe
 from trainwell.losses import LossSpec, check_loss_inputs
 from trainwell.metrics import Accuracy, ExternalMetric, Metric, TopKAccuracy
-from trainwell.models import call_model, float_dtype, preserved_modes
+from trainwell.models import call_model, float_dtype, probing
 
 SAMPLE_SIZE = 8
 _DTYPE_ERROR = re.compile(r"dtype|scalar type|Float|Double|Half|BFloat16|Long|Int")
@@ -76,8 +76,7 @@ def examine(
     diagnosis = Diagnosis()
     if scan_values and isinstance(batches, TensorBatches):
         _check_finite(batches, role)
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), preserved_modes(model, training=False):
+    with probing(model, device):
         sample = batches.sample(SAMPLE_SIZE)
         diagnosis.has_weights = sample.weights is not None
         if needs_targets and sample.targets is None:

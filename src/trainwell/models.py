@@ -59,6 +59,23 @@ def preserved_modes(model: nn.Module, training: bool | None = None) -> Iterator[
             module.training = was_training
 
 
+@contextlib.contextmanager
+def probing(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """A look at the model that changes nothing: eval mode (every submodule's mode restored),
+    no gradients, and the random state of the CPU and of ``device`` (a GPU) restored on exit.
+
+    Example:
+        >>> state = torch.random.get_rng_state()
+        >>> with probing(nn.Dropout(), torch.device("cpu")):
+        ...     _ = torch.rand(3)
+        >>> torch.equal(state, torch.random.get_rng_state())
+        True
+    """
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), preserved_modes(model, training=False):
+        yield
+
+
 def float_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's floating-point parameters (the default dtype when it has none)."""
     for parameter in model.parameters():

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from trainwell.errors import data_error, describe
-from trainwell.models import call_model, preserved_modes
+from trainwell.models import call_model, probing
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,8 @@ def summary(model: nn.Module, example_input: Any) -> ModelSummary:
 
     handles = [module.register_forward_hook(recorder(name)) for name, module in leaves]
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), preserved_modes(model, training=False):
+        device = next(model.parameters(), torch.empty(0)).device
+        with probing(model, device):
             output = call_model(model, example_input)
     except RuntimeError as error:
         raise data_error(
