@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from trainwell.errors import config_error, describe, unknown_name_error
@@ -148,8 +150,49 @@ class RootMeanSquaredError(MeanSquaredError):
         return math.sqrt(total / count) if count else math.nan
 
 
+METRIC_FIX = "return a scalar tensor, e.g. (outputs.argmax(1) == targets).float().mean()"
+
+
+def scalar_tensor(value: Any, device: torch.device) -> torch.Tensor | None:
+    """A metric's result as a 0-d tensor on ``device``, or None when it is not one number.
+
+    Accepts a tensor of one element (any shape), a Python or numpy number, or a one-element numpy
+    array. A tensor is only reshaped and moved, never read, so a result on the device costs no
+    host synchronisation.
+
+    Example:
+        >>> scalar_tensor(torch.tensor([[0.5]]), torch.device("cpu"))
+        tensor(0.5000)
+        >>> scalar_tensor(3, torch.device("cpu"))
+        tensor(3., dtype=torch.float64)
+        >>> scalar_tensor(torch.ones(2), torch.device("cpu")) is None
+        True
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(()).to(device) if value.numel() == 1 else None
+    is_number = isinstance(value, numbers.Real) or (isinstance(value, (np.generic, np.ndarray)) and value.size == 1)
+    if is_number:
+        try:
+            return torch.as_tensor(value, dtype=accumulator_dtype(device), device=device).reshape(())
+        except (TypeError, ValueError, RuntimeError):  # e.g. a numpy string or object scalar
+            return None
+    return None
+
+
+def unusable_result_error(name: str, value: Any) -> Exception:
+    """The ``ConfigError`` for a metric whose result is not one number."""
+    return config_error(
+        f"Metric {name!r} must give one number per batch, but its result is not a single value.",
+        f"{name} returned {describe(value)}",
+        METRIC_FIX + " (torchmetrics: use average='macro' or 'micro' rather than per-class values).",
+    )
+
+
 class FunctionMetric(Metric):
-    """A ``callable(outputs, targets) -> scalar`` averaged over samples, weighted by batch size."""
+    """A ``callable(outputs, targets) -> scalar`` averaged over samples, weighted by batch size.
+
+    The scalar may be a tensor of one element, a Python number or a numpy number.
+    """
 
     def __init__(self, fn: MetricFn, name: str) -> None:
         super().__init__()
@@ -158,7 +201,11 @@ class FunctionMetric(Metric):
 
     def batch_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
         size = targets.shape[0] if targets.dim() else 1
-        return self.fn(outputs, targets).detach() * size, size
+        result = self.fn(outputs, targets)
+        value = scalar_tensor(result, outputs.device)
+        if value is None:
+            raise unusable_result_error(self.name, result)
+        return value * size, size
 
 
 @runtime_checkable
@@ -217,11 +264,120 @@ def resolve_metric(
     )
 
 
+# torchmetrics names classes by task (BinaryAUROC, MulticlassF1Score); the task is not part of the key.
+_TASK_PREFIX = re.compile(r"^(?:Binary|Multiclass|Multilabel)(?=[A-Z])")
+# A word starts at a capital after a lower-case letter or digit ("F1|Score"), or at the last capital
+# of an acronym before a lower-case letter ("AUROC|Score"), so acronyms stay one word.
+_WORD_START = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
 def metric_name(metric: Metric | ExternalMetric) -> str:
-    """The log key of a metric (torchmetrics objects: the class name in snake case)."""
+    """The log key of a metric: its ``name``, or for a torchmetrics-style object its class name in
+    snake case without the task prefix (``Binary``, ``Multiclass``, ``Multilabel``).
+
+    Example:
+        >>> class MulticlassF1Score:
+        ...     def update(self, outputs, targets): ...
+        ...     def compute(self): ...
+        ...     def reset(self): ...
+        >>> metric_name(MulticlassF1Score())
+        'f1_score'
+        >>> metric_name(Accuracy())
+        'accuracy'
+    """
     if isinstance(metric, Metric):
         return metric.name
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(metric).__name__).lower()
+    class_name = _TASK_PREFIX.sub("", type(metric).__name__)
+    return _WORD_START.sub("_", class_name).lower()
+
+
+_LOWER_IS_BETTER = ("loss", "error")
+_HIGHER_IS_BETTER_WORDS = frozenset(
+    {"f1", "precision", "recall", "auroc", "auc", "iou", "miou", "dice", "r2", "jaccard", "specificity", "map"}
+)
+
+
+def higher_is_better(key: str) -> bool:
+    """Whether a larger value of the log key ``key`` is better (for monitors with ``mode="auto"``).
+
+    True for accuracy, f1, precision, recall, AUROC/AUC, average precision, IoU, Dice, R2,
+    Jaccard, specificity and mAP in any of their usual spellings (``f1_macro``, ``val_auroc``);
+    False for losses and errors (``loss``, ``mae``, ``mse``, ``rmse``, ``mean_squared_error``)
+    and for unknown keys, which are treated as losses.
+
+    Args:
+        key: A log key, with or without the ``val_`` prefix.
+
+    Returns:
+        True when larger is better.
+
+    Example:
+        >>> higher_is_better("val_f1_score"), higher_is_better("val_loss"), higher_is_better("mae")
+        (True, False, False)
+    """
+    name = key.removeprefix("val_").lower()
+    if any(word in name for word in _LOWER_IS_BETTER):
+        return False
+    words = set(name.split("_"))
+    return "accuracy" in name or "average_precision" in name or bool(words & _HIGHER_IS_BETTER_WORDS)
+
+
+def _reset_external(metric: ExternalMetric, device: torch.device) -> None:
+    metric.reset()
+    to = getattr(metric, "to", None)
+    if to is not None:
+        to(device)
+
+
+def check_metric(metric: Metric | ExternalMetric, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """Run one update of ``metric`` on a probe batch, on a copy, and check its result is one number.
+
+    The copy keeps the real accumulator untouched. A torchmetrics-style object is updated and
+    then computed.
+
+    Args:
+        metric: A resolved metric (``Metric`` or torchmetrics-style object).
+        outputs: The model's outputs on the probe batch.
+        targets: The probe batch's targets.
+
+    Raises:
+        ConfigError: The metric raised an exception, or gave something other than one number
+            (a tensor of several elements, a string, None).
+
+    Example:
+        >>> check_metric(Accuracy(), torch.tensor([[2.0, 1.0]]), torch.tensor([0]))
+        >>> def per_sample(outputs, targets):
+        ...     return outputs.argmax(1) == targets
+        >>> check_metric(FunctionMetric(per_sample, "per_sample"), torch.zeros(2, 2), torch.zeros(2))
+        Traceback (most recent call last):
+        ...
+        trainwell.errors.ConfigError: Metric 'per_sample' must give one number per batch, ...
+          received: per_sample returned tensor of shape (2,), dtype bool
+          fix: return a scalar tensor, ...
+    """
+    name = metric_name(metric)
+    probe = copy.deepcopy(metric)
+    outputs = outputs.detach()
+    try:
+        if isinstance(probe, FunctionMetric):
+            # The function's own result, so the message shows what it returned.
+            result: Any = probe.fn(outputs, targets)
+        elif isinstance(probe, Metric):
+            probe.reset(outputs.device)
+            probe.update(outputs, targets)
+            result = probe.total
+        else:
+            _reset_external(probe, outputs.device)
+            probe.update(outputs, targets)
+            result = probe.compute()
+    except Exception as error:
+        raise config_error(
+            f"Metric {name!r} raised {type(error).__name__} on a probe batch: {error}",
+            f"outputs {describe(outputs)}, targets {describe(targets)}",
+            METRIC_FIX + ", computed from (outputs, targets).",
+        ) from error
+    if scalar_tensor(result, outputs.device) is None:
+        raise unusable_result_error(name, result)
 
 
 class Tally:
@@ -244,6 +400,7 @@ class Tally:
         self.prefix = prefix
         self.loss_total = torch.zeros((), dtype=torch.float64)
         self.samples = 0
+        self.named: dict[str, torch.Tensor] = {}  # further values a custom step returns, by name
 
     @property
     def keys(self) -> list[str]:
@@ -260,19 +417,28 @@ class Tally:
         """Start a new pass on ``device``."""
         self.loss_total = torch.zeros((), dtype=accumulator_dtype(device), device=device)
         self.samples = 0
+        self.named = {}
         for metric in self.builtin:
             metric.reset(device)
         for external in self.external:
-            external.reset()
-            to = getattr(external, "to", None)
-            if to is not None:
-                to(device)
+            _reset_external(external, device)
 
-    def update(self, loss: torch.Tensor | None, outputs: Any, targets: torch.Tensor | None, size: int) -> None:
-        """Add one batch. ``loss`` is the batch mean; it is weighted by ``size`` samples."""
+    def update(
+        self,
+        loss: torch.Tensor | None,
+        outputs: Any,
+        targets: torch.Tensor | None,
+        size: int,
+        named: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Add one batch. ``loss`` and the ``named`` values are batch means, weighted by ``size``."""
         self.samples += size
         if loss is not None:
             self.loss_total.add_(loss.detach(), alpha=size)
+        for name, value in (named or {}).items():
+            if name not in self.named:
+                self.named[name] = torch.zeros_like(self.loss_total)
+            self.named[name].add_(value.detach().reshape(()), alpha=size)
         if targets is None or not self.metrics:
             return
         outputs = outputs.detach()
@@ -285,6 +451,7 @@ class Tally:
             "loss_total": self.loss_total.detach().cpu(),
             "samples": self.samples,
             "metrics": [(metric.total.detach().cpu(), metric.count) for metric in self.builtin],
+            "named": {name: total.detach().cpu() for name, total in self.named.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
@@ -293,6 +460,7 @@ class Tally:
         self.samples = int(state["samples"])
         for metric, (total, count) in zip(self.builtin, state["metrics"], strict=True):
             metric.total, metric.count = total.to(device), int(count)
+        self.named = {name: total.to(device) for name, total in state.get("named", {}).items()}
 
     def read(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
         """The pass's averages so far, keyed by log name.
@@ -307,18 +475,23 @@ class Tally:
         counts = torch.tensor(
             [self.samples] + [metric.count for metric in self.builtin], dtype=self.loss_total.dtype, device=device
         )
-        sums = torch.stack([self.loss_total] + [metric.total.to(self.loss_total.dtype) for metric in self.builtin])
+        named = list(self.named.values())
+        sums = torch.stack(
+            [self.loss_total, *[metric.total.to(self.loss_total.dtype) for metric in self.builtin], *named]
+        )
         packed = torch.cat([sums, counts])
         if reduce is not None:
             packed = reduce(packed)
         values = packed.tolist()
-        totals, numbers = values[: len(sums)], values[len(sums) :]
+        totals, counted = values[: len(sums)], values[len(sums) :]
         logs: dict[str, float] = {}
         if self.has_loss:
-            logs["loss"] = totals[0] / numbers[0] if numbers[0] else math.nan
+            logs["loss"] = totals[0] / counted[0] if counted[0] else math.nan
+        for name, total in zip(self.named, totals[len(sums) - len(named) :], strict=True):
+            logs[name] = total / counted[0] if counted[0] else math.nan
         results = {
             metric.name: metric.finalize(total, count)
-            for metric, total, count in zip(self.builtin, totals[1:], numbers[1:], strict=True)
+            for metric, total, count in zip(self.builtin, totals[1:], counted[1:], strict=True)
         }
         for external in self.external:
             results[metric_name(external)] = float(external.compute())

@@ -1,5 +1,5 @@
 """How trainwell drives the user's model: calling it on a batch's inputs, and keeping the
-train/eval mode of every submodule exactly as the user left it.
+train/eval mode of every submodule (and, while probing, every buffer) exactly as the user left it.
 
 Owns: nothing but these conventions. Must not change weights.
 """
@@ -60,9 +60,43 @@ def preserved_modes(model: nn.Module, training: bool | None = None) -> Iterator[
 
 
 @contextlib.contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Put every buffer of ``model`` back as it was on exit: the same tensor, with the same values.
+
+    Eval mode alone does not protect buffers: a forward may update a counter, or call
+    ``functional.batch_norm(..., training=True)`` on running statistics. Lazy buffers not yet
+    materialised are left alone (they have no values to keep).
+
+    Example:
+        >>> norm = nn.BatchNorm1d(2)
+        >>> with preserved_buffers(norm):
+        ...     _ = norm(torch.randn(4, 2))
+        >>> norm.running_mean.tolist(), int(norm.num_batches_tracked)
+        ([0.0, 0.0], 0)
+    """
+    saved = [
+        (module, name, buffer, buffer.clone())
+        for module in model.modules()
+        for name, buffer in module.named_buffers(recurse=False)
+        if not nn.parameter.is_lazy(buffer)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, buffer, values in saved:
+                # A forward may assign a new tensor (self.calls = self.calls + 1) instead of
+                # updating in place; the module must hold the original object again.
+                if getattr(module, name, None) is not buffer:
+                    setattr(module, name, buffer)
+                buffer.copy_(values)
+
+
+@contextlib.contextmanager
 def probing(model: nn.Module, device: torch.device) -> Iterator[None]:
     """A look at the model that changes nothing: eval mode (every submodule's mode restored),
-    no gradients, and the random state of the CPU and of ``device`` (a GPU) restored on exit.
+    no gradients, every buffer's values restored, and the random state of the CPU and of
+    ``device`` (a GPU) restored on exit.
 
     Example:
         >>> state = torch.random.get_rng_state()
@@ -72,7 +106,12 @@ def probing(model: nn.Module, device: torch.device) -> Iterator[None]:
         True
     """
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), preserved_modes(model, training=False):
+    with (
+        torch.random.fork_rng(devices=devices),
+        torch.no_grad(),
+        preserved_modes(model, training=False),
+        preserved_buffers(model),
+    ):
         yield
 
 
@@ -82,3 +121,22 @@ def float_dtype(model: nn.Module) -> torch.dtype:
         if parameter.is_floating_point():
             return parameter.dtype
     return torch.get_default_dtype()
+
+
+def smallest_batch(model: nn.Module) -> int:
+    """The smallest batch ``model`` can train on: 2 when a BatchNorm layer will train (its
+    statistics need two samples), else 1. A model given in eval mode is trained in train mode,
+    so all of its BatchNorm layers count then.
+
+    Example:
+        >>> smallest_batch(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+        2
+    """
+    return (
+        2
+        if any(
+            isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or not model.training)
+            for module in model.modules()
+        )
+        else 1
+    )

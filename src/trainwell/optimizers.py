@@ -139,6 +139,42 @@ def _check_options(name: str, factory: Callable[..., Any], options: Mapping[str,
             )
 
 
+def check_step_without_closure(optimizer: torch.optim.Optimizer) -> None:
+    """Raise ``ConfigError`` when ``optimizer.step`` requires a closure, as ``torch.optim.LBFGS``'s does.
+
+    trainwell's default step calls ``optimizer.step()`` without arguments, so such an optimizer
+    would fail at the first step. A custom ``step`` may pass the closure itself, so the caller
+    decides whether to run this check; ``build_optimizer`` does not.
+
+    Args:
+        optimizer: The optimizer instance.
+
+    Raises:
+        ConfigError: ``step`` has a ``closure`` parameter without a default.
+
+    Example:
+        >>> check_step_without_closure(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1))
+        >>> check_step_without_closure(torch.optim.LBFGS(nn.Linear(2, 1).parameters()))
+        Traceback (most recent call last):
+        ...
+        trainwell.errors.ConfigError: LBFGS needs a closure that re-evaluates the loss; ...
+    """
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):  # a step without an inspectable signature (a C extension)
+        return
+    if closure is None or closure.default is not inspect.Parameter.empty:
+        return
+    name = type(optimizer).__name__
+    raise config_error(
+        f"{name} needs a closure that re-evaluates the loss; trainwell's step calls optimizer.step() once per "
+        "batch without one.",
+        f"optimizer={type(optimizer).__module__}.{type(optimizer).__qualname__}",
+        "use optimizer='adam' or 'sgd', or pass fit(..., step=my_step) where my_step calls "
+        "optimizer.step(closure) itself.",
+    )
+
+
 def _check_holds_parameters(optimizer: torch.optim.Optimizer, trainable: Iterable[nn.Parameter]) -> None:
     held = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
     if not any(id(parameter) in held for parameter in trainable):
