@@ -8,18 +8,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import trainwell as tw
-from trainwell import data as data_module
-from trainwell.data import (
-    DatasetBatches,
-    InMemory,
-    LoaderBatches,
-    Shard,
-    TensorBatches,
-    epoch_order,
-    fits_on_device,
-    split_validation,
-    to_batches,
-)
+from trainwell import batches as batches_module
+from trainwell.batches import DatasetBatches, Layout, LoaderBatches, TensorBatches, fits_on_device, to_batches
+from trainwell.data import InMemory, epoch_order, split_validation
 
 CPU = torch.device("cpu")
 
@@ -104,7 +95,7 @@ def test_batches_of_unexpected_shape_are_explained() -> None:
 # check the decision; neither says anything about speed.
 @pytest.mark.parametrize("sharded", [False, True])
 def test_in_memory_data_that_fits_moves_to_the_device_once(monkeypatch: pytest.MonkeyPatch, sharded: bool) -> None:
-    monkeypatch.setattr(data_module, "fits_on_device", lambda nbytes, device: True)
+    monkeypatch.setattr(batches_module, "fits_on_device", lambda nbytes, device: True)
     x, y = torch.randn(50, 3), torch.randint(0, 2, (50,))
     batches, on_cpu = (
         TensorBatches(InMemory(x, y), batch_size=16, shuffle=True, seed=0, device=torch.device(device))
@@ -112,7 +103,7 @@ def test_in_memory_data_that_fits_moves_to_the_device_once(monkeypatch: pytest.M
     )
     if sharded:
         for each in (batches, on_cpu):
-            each.set_shard(Shard(rank=1, world_size=2, pad=True))
+            each.lay_out(Layout(rank=1, world_size=2))
     moved = []
     for epoch in range(2):
         delivered, expected = list(batches.for_epoch(epoch)), list(on_cpu.for_epoch(epoch))
@@ -121,7 +112,7 @@ def test_in_memory_data_that_fits_moves_to_the_device_once(monkeypatch: pytest.M
         assert all(batch.inputs.device.type == "meta" and batch.targets.device.type == "meta" for batch in delivered)
         assert [batch.size for batch in delivered] == [batch.size for batch in expected]
         assert [batch.inputs.shape for batch in delivered] == [batch.inputs.shape for batch in expected]
-        assert [batch.share for batch in delivered] == [batch.share for batch in expected]
+        assert [batch.global_size for batch in delivered] == [batch.global_size for batch in expected]
     assert moved[0] is moved[1]  # moved at the first epoch only
 
 

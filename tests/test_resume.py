@@ -23,8 +23,8 @@ import pytest
 import torch
 
 import trainwell as tw
-from trainwell import checkpoint as checkpoint_module
-from trainwell.resume import MANIFEST
+from trainwell import weights as checkpoint_module
+from trainwell.checkpoints import MANIFEST
 
 from conftest import blobs, make_mlp
 
@@ -143,7 +143,7 @@ def test_kill_between_the_temporary_write_and_the_rename(script: Path, golden: d
     prelude = textwrap.dedent(
         """
         import os, signal
-        import trainwell.checkpoint as target
+        import trainwell.weights as target
         calls = {"count": 0}
         original = os.replace
         def replace_then_die(source, destination):

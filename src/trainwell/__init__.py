@@ -7,23 +7,17 @@ Example:
 """
 
 from trainwell.api import evaluate, fit, predict
-from trainwell.callbacks import (
-    Callback,
-    CSVLogger,
-    EarlyStopping,
-    LambdaCallback,
-    LRScheduler,
-    TensorBoard,
-    TerminateOnNaN,
-)
-from trainwell.checkpoint import ModelCheckpoint, load_weights, save_weights
+from trainwell.callbacks import Callback, EarlyStopping, LambdaCallback, TerminateOnNaN
 from trainwell.errors import ConfigError, DataError, TrainingInterrupted, TrainwellError, TrainwellWarning
 from trainwell.history import History
+from trainwell.loggers import CSVLogger, TensorBoard
 from trainwell.loop import compute_loss, optimizer_step, train_step
 from trainwell.lr_finder import LRFinderResult, find_lr
 from trainwell.plots import plot_confusion_matrix
-from trainwell.run import Run
+from trainwell.run import Run, StepResult
+from trainwell.schedules import LRScheduler
 from trainwell.summary import ModelSummary, summary
+from trainwell.weights import ModelCheckpoint, load_weights, save_weights
 
 __version__ = "0.1.0"
 __all__ = [
@@ -39,6 +33,7 @@ __all__ = [
     "ModelCheckpoint",
     "ModelSummary",
     "Run",
+    "StepResult",
     "TensorBoard",
     "TerminateOnNaN",
     "TrainingInterrupted",

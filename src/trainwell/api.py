@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -16,34 +17,29 @@ import torch
 from torch import nn
 
 from trainwell import distributed, loop
-from trainwell.callbacks import SCHEDULERS, Callback, CallbackList, LRScheduler, TerminateOnNaN, build_scheduler
-from trainwell.data import Batches, Shard, split_validation, to_batches
-from trainwell.doctor import examine, explain_non_finite
-from trainwell.errors import DataError, TrainwellWarning, check_count, config_error, describe
-from trainwell.history import History
-from trainwell.losses import (
-    LossFn,
-    LossSpec,
-    binary_threshold,
-    resolve_loss,
-    sample_weighted,
-    with_class_weight,
-)
-from trainwell.metrics import AccuracyMode, ExternalMetric, Metric, MetricFn, Tally, metric_name, resolve_metric
-from trainwell.models import float_dtype, preserved_modes
-from trainwell.optimizers import build_optimizer
-from trainwell.precision import PrecisionName, build_precision
-from trainwell.progress import ProgressDisplay, choose_mode
-from trainwell.resume import (
+from trainwell.batches import Batches, Layout, to_batches
+from trainwell.callbacks import Callback, CallbackList, TerminateOnNaN
+from trainwell.checkpoints import (
     Checkpointer,
-    Restorer,
     check_writable,
     differences,
     fingerprint,
     load_checkpoint,
     nothing_left,
+    restore,
 )
+from trainwell.data import split_validation
+from trainwell.doctor import examine, explain_non_finite, left_out_note
+from trainwell.errors import DataError, TrainwellWarning, check_count, config_error, describe, unknown_name_error
+from trainwell.history import History
+from trainwell.losses import LossFn, LossSpec, binary_threshold, resolve_loss, sample_weighted, with_class_weight
+from trainwell.metrics import AccuracyMode, ExternalMetric, Metric, MetricFn, Tally, metric_name, resolve_metric
+from trainwell.models import float_dtype, preserved_modes, smallest_batch
+from trainwell.optimizers import OPTIMIZERS, build_optimizer, check_lr, check_step_without_closure
+from trainwell.precision import PrecisionName, build_precision
+from trainwell.progress import ProgressDisplay, choose_mode
 from trainwell.run import Run, StepFn
+from trainwell.schedules import SCHEDULERS, scheduler_callback
 
 MetricArg = str | MetricFn | Metric | ExternalMetric
 Progress = bool | Literal["auto"]
@@ -53,7 +49,7 @@ def fit(
     model: nn.Module,
     train: Any,
     *,
-    loss: str | LossFn,
+    loss: str | LossFn | None = None,
     optimizer: str | torch.optim.Optimizer = "sgd",
     lr: float | None = None,
     epochs: int = 1,
@@ -63,7 +59,7 @@ def fit(
     val: Any = None,
     val_split: float = 0.0,
     callbacks: Sequence[Callback] = (),
-    scheduler: str | LRScheduler | Any | None = None,
+    scheduler: str | Any | None = None,
     precision: PrecisionName = "fp32",
     compile: bool = False,
     grad_accum_steps: int = 1,
@@ -154,30 +150,24 @@ def fit(
         >>> history.epochs, sorted(history)
         (2, ['accuracy', 'loss'])
     """
-    _check_fit_arguments(
-        model,
-        epochs=epochs,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        progress=progress,
-        val=val,
-        val_split=val_split,
-        grad_accum_steps=grad_accum_steps,
-        compile=compile,
-        terminate_on_nan=terminate_on_nan,
-        clip_grad_norm=clip_grad_norm,
-        clip_grad_value=clip_grad_value,
-        step=step,
-    )
+    options = FitOptions(
+        loss=loss, optimizer=optimizer, lr=lr, epochs=epochs, batch_size=batch_size, shuffle=shuffle,
+        metrics=metrics, val=val, val_split=val_split, callbacks=callbacks, scheduler=scheduler,
+        precision=precision, compile=compile, grad_accum_steps=grad_accum_steps, clip_grad_norm=clip_grad_norm,
+        clip_grad_value=clip_grad_value, class_weight=class_weight, terminate_on_nan=terminate_on_nan, step=step,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, device=device,
+        progress=progress, seed=seed, optimizer_options=optimizer_options,
+    )  # fmt: skip
+    checked = options.check(model)  # every option, before any side effect
     job = distributed.setup()  # first: in a job, no process touches files before all have joined
-    directory, state = _checkpointing(checkpoint_dir, checkpoint_every, resume)
-    target = _job_device(job, device)
-    spec = resolve_loss(loss)
-    if class_weight is not None:
-        spec = with_class_weight(spec, _class_weight_tensor(class_weight).to(target))
-    train_metrics = _resolve_metrics(metrics, spec)
-    val_metrics = _resolve_metrics(metrics, spec)
-    mixed = build_precision(precision, target)
+    target = checked.device if job is None else distributed.device_for(job, checked.device)
+    spec = checked.spec
+    if spec is not None and checked.class_weight is not None:
+        spec = with_class_weight(spec, checked.class_weight.to(target))
+    directory = None if checkpoint_dir is None else Path(checkpoint_dir)
+    if directory is not None:
+        check_writable(directory)
+    state = _find_resume_state(resume, directory)
     seed = _resolve_seed(seed, state, job)
     dtype = float_dtype(model)
     if val_split:
@@ -186,41 +176,29 @@ def fit(
     val_batches = None
     if val is not None:
         val_batches = to_batches(val, batch_size=batch_size, shuffle=False, seed=seed, device=target, dtype=dtype)
-    _shard(train_batches, job, pad=True)
-    _shard(val_batches, job, pad=False)
     model.to(target)
     built_optimizer = build_optimizer(optimizer, model, lr, optimizer_options)
-    diagnosis = examine(model, spec, train_batches, role="training data", needs_targets=True, device=target,
-                        metrics=train_metrics, training=True)  # fmt: skip
-    if val_batches is not None:
-        checked = examine(model, spec, val_batches, role="validation data", needs_targets=True, device=target)
-        diagnosis.notes += checked.notes
-        diagnosis.has_weights |= checked.has_weights
-    _say(diagnosis.notes + _job_notes(job, batch_size), job)
+    if step is None:
+        check_step_without_closure(built_optimizer)
+    train_metrics = _resolve_metrics(metrics, spec)
+    notes, has_weights = _prepare(model, spec, train_batches, val_batches, train_metrics, job, target, step is not None)
+    _say(notes + _job_notes(job, batch_size), job)
 
-    added: list[Callback] = []
-    if scheduler is not None:
-        steps = None if train_batches.num_batches is None else -(-train_batches.num_batches // grad_accum_steps)
-        added.append(_scheduler_callback(scheduler, epochs, steps, val_batches is not None))
-    if terminate_on_nan is True or (terminate_on_nan == "auto" and target.type == "cpu"):
-        added.append(TerminateOnNaN())
-    if directory is not None:
-        added.append(Checkpointer(directory, checkpoint_every, state))
-    elif state is not None:  # resuming from a file, saving nowhere: no per-step hook, no signal handlers
-        added.append(Restorer(state))
-    everything = [*callbacks, *added, *_display(progress, job)]
-    train_tally, val_tally = Tally(train_metrics), Tally(val_metrics, prefix="val_")
-    _check_monitors(everything, train_tally.keys + (val_tally.keys if val_batches is not None else []))
+    everything = [*callbacks, *_built_in_callbacks(options, train_batches, val_batches is not None, target),
+                  *_display(progress, job)]  # fmt: skip
+    train_tally = Tally(train_metrics, has_loss=spec is not None)
+    val_tally = Tally(_resolve_metrics(metrics, spec), has_loss=spec is not None, prefix="val_")
+    _check_monitors(everything, train_tally.keys + (val_tally.keys if val_batches is not None else []), step)
     runnable = cast(nn.Module, torch.compile(model)) if compile else model
     run = Run(
         model=runnable if job is None else distributed.wrap(runnable, target),
         module=model,
         optimizer=built_optimizer,
-        loss_fn=spec.fn,
-        weighted_loss_fn=sample_weighted(spec) if diagnosis.has_weights else None,
+        loss_fn=None if spec is None else spec.fn,
+        weighted_loss_fn=sample_weighted(spec) if has_weights and spec is not None else None,
         train_tally=train_tally,
         val_tally=val_tally,
-        precision=mixed,
+        precision=build_precision(precision, target),
         device=target,
         callbacks=CallbackList(everything),
         step=step or loop.train_step,
@@ -237,23 +215,204 @@ def fit(
         world_size=1 if job is None else job.world_size,
         reduce=None if job is None else distributed.all_reduce_sum,
     )
-    if state is not None and _already_done(run, state):
-        return run.history
+    if state is not None:
+        if _already_done(run, state):
+            return run.history
+        restore(run, state)
     built_optimizer.zero_grad(set_to_none=True)
     with preserved_modes(model, training=True):
         loop.fit_loop(run)
     return run.history
 
 
+@dataclass(frozen=True)
+class FitOptions:
+    """``fit``'s keywords, kept flat in its signature (as Keras users expect them) and gathered
+    here once, so that they are checked together before anything is built or touched."""
+
+    loss: str | LossFn | None
+    optimizer: str | torch.optim.Optimizer
+    lr: float | None
+    epochs: int
+    batch_size: int
+    shuffle: bool
+    metrics: Sequence[MetricArg]
+    val: Any
+    val_split: float
+    callbacks: Sequence[Callback]
+    scheduler: Any
+    precision: PrecisionName
+    compile: bool
+    grad_accum_steps: int
+    clip_grad_norm: float | None
+    clip_grad_value: float | None
+    class_weight: Mapping[int, float] | Sequence[float] | torch.Tensor | None
+    terminate_on_nan: bool | str
+    step: StepFn | None
+    checkpoint_dir: str | Path | None
+    checkpoint_every: int | None
+    resume: bool | str | Path
+    device: str | torch.device
+    progress: Progress
+    seed: int | None
+    optimizer_options: Mapping[str, Any]
+
+    def check(self, model: Any) -> CheckedOptions:
+        """Check every option (no file, folder, process group or device is touched).
+
+        Raises:
+            ConfigError: The first invalid option, with the fix.
+        """
+        _check_model(model)
+        self._check_plain_values()
+        self._check_validation()
+        if self.step is not None and not callable(self.step):
+            raise config_error(
+                "step must be a function step(run, batch).", describe(self.step), "see trainwell.train_step."
+            )
+        if self.loss is None and self.step is None:
+            raise config_error(
+                "fit needs a loss.",
+                "loss=None",
+                "pass e.g. loss='cross_entropy', or a custom step=... that computes it.",
+            )
+        self._check_checkpointing()
+        check_lr(self.lr)
+        if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
+            raise unknown_name_error("optimizer", self.optimizer, OPTIMIZERS)
+        if isinstance(self.scheduler, str) and self.scheduler not in SCHEDULERS:
+            raise unknown_name_error("scheduler", self.scheduler, SCHEDULERS)
+        device = _resolve_device(self.device)
+        build_precision(self.precision, device)
+        spec = None if self.loss is None else resolve_loss(self.loss)
+        _resolve_metrics(self.metrics, spec)
+        CallbackList(self.callbacks)
+        weights = None if self.class_weight is None else _class_weight_tensor(self.class_weight)
+        if weights is not None:
+            if spec is None:
+                raise config_error(
+                    "class_weight needs a classification loss.",
+                    "class_weight with loss=None",
+                    "pass loss='cross_entropy' (or another named loss), or weight the losses in your step.",
+                )
+            with_class_weight(spec, weights)  # a loss without classes is refused here
+        return CheckedOptions(device, spec, weights)
+
+    def _check_plain_values(self) -> None:
+        check_count("epochs", self.epochs)
+        check_count("batch_size", self.batch_size)
+        check_count("grad_accum_steps", self.grad_accum_steps)
+        if self.seed is not None:
+            check_count("seed", self.seed, minimum=0)
+        for name, value, choices in (
+            ("shuffle", self.shuffle, (True, False)),
+            ("progress", self.progress, (True, False, "auto")),
+            ("compile", self.compile, (True, False)),
+            ("terminate_on_nan", self.terminate_on_nan, (True, False, "auto")),
+        ):
+            _check_choice(name, value, choices)
+        for name, clip in (("clip_grad_norm", self.clip_grad_norm), ("clip_grad_value", self.clip_grad_value)):
+            if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+                raise config_error(
+                    f"{name} must be a number > 0.", f"{name}={clip!r}", f"pass e.g. {name}=1.0, or None."
+                )
+
+    def _check_validation(self) -> None:
+        val_split = self.val_split
+        if isinstance(val_split, bool) or not isinstance(val_split, (int, float)) or not 0 <= val_split < 1:
+            raise config_error(
+                "val_split must be a fraction in [0, 1).", f"val_split={val_split!r}", "pass e.g. val_split=0.1."
+            )
+        if val_split and self.val is not None:
+            raise config_error(
+                "Pass either val or val_split, not both.",
+                f"val={describe(self.val)}, val_split={val_split}",
+                "drop val_split to use the given validation data.",
+            )
+
+    def _check_checkpointing(self) -> None:
+        if self.checkpoint_every is not None:
+            check_count("checkpoint_every", self.checkpoint_every)
+            if self.checkpoint_dir is None:
+                raise config_error(
+                    "checkpoint_every needs checkpoint_dir.",
+                    f"checkpoint_every={self.checkpoint_every}",
+                    "pass checkpoint_dir=PATH.",
+                )
+        if (self.resume is True or self.resume == "auto") and self.checkpoint_dir is None:
+            raise config_error(
+                "resume needs checkpoint_dir (or a checkpoint path).",
+                f"resume={self.resume!r}",
+                "pass checkpoint_dir=PATH.",
+            )
+
+
+@dataclass(frozen=True)
+class CheckedOptions:
+    """What checking the options resolved: the requested device, the loss, the class weights."""
+
+    device: torch.device
+    spec: LossSpec | None
+    class_weight: torch.Tensor | None
+
+
+def _built_in_callbacks(options: FitOptions, train: Batches, has_val: bool, device: torch.device) -> list[Callback]:
+    """The callbacks ``fit``'s options ask for, after the user's and before the display."""
+    added: list[Callback] = []
+    if options.scheduler is not None:
+        batches = train.num_batches
+        steps = None if batches is None else -(-batches // options.grad_accum_steps)
+        added.append(
+            scheduler_callback(options.scheduler, epochs=options.epochs, steps_per_epoch=steps, has_val=has_val)
+        )
+    if options.terminate_on_nan is True or (options.terminate_on_nan == "auto" and device.type == "cpu"):
+        added.append(TerminateOnNaN())
+    if options.checkpoint_dir is not None:
+        added.append(Checkpointer(Path(options.checkpoint_dir), options.checkpoint_every))
+    return added
+
+
+def _prepare(
+    model: nn.Module,
+    spec: LossSpec | None,
+    train: Batches,
+    val: Batches | None,
+    metrics: list[Metric | ExternalMetric],
+    job: distributed.Distributed | None,
+    device: torch.device,
+    custom_step: bool,
+) -> tuple[list[str], bool]:
+    """Examine the data with the model, apply the doctor's repairs, plan the batches.
+
+    A custom step decides itself what the model is called on, so its data is only checked for
+    NaN and inf. Returns the notes to show and whether the data carries sample weights.
+    """
+    rank, world = (0, 1) if job is None else (job.rank, job.world_size)
+    diagnosis = examine(model, spec, train, role="training data", needs_targets=not custom_step, device=device,
+                        metrics=metrics, run_model=not custom_step)  # fmt: skip
+    for repair in diagnosis.repairs:
+        train.repair(repair)
+    train.lay_out(Layout(rank, world, lockstep=True, min_batch=smallest_batch(model)))
+    notes, has_weights = diagnosis.notes + left_out_note(train), diagnosis.has_weights
+    if val is not None:
+        checked = examine(model, spec, val, role="validation data", needs_targets=spec is not None, device=device,
+                          run_model=spec is not None)  # fmt: skip
+        for repair in checked.repairs:
+            val.repair(repair)
+        val.lay_out(Layout(rank, world, lockstep=False))
+        notes += checked.notes
+        has_weights |= checked.has_weights
+    return notes, has_weights
+
+
 def _resolve_seed(seed: int | None, state: dict[str, Any] | None, job: distributed.Distributed | None) -> int:
     """The run's seed: a resumed run's own (its data order and val_split), the given one (which
     also seeds torch's generator), or one drawn from torch's generator (rank 0's, in a job)."""
     if state is not None:
-        return int(state["seed"])
+        return int(state["position"]["seed"])
     if seed is None:
         drawn = int(torch.randint(0, 2**62, ()).item())
         return drawn if job is None else int(distributed.broadcast(drawn))
-    check_count("seed", seed, minimum=0)
     torch.manual_seed(seed)
     return seed
 
@@ -272,34 +431,6 @@ def _job_notes(job: distributed.Distributed | None, batch_size: int) -> list[str
     ]
 
 
-def _shard(batches: Batches | None, job: distributed.Distributed | None, *, pad: bool) -> None:
-    """Give this process its share of the data (every sample once per epoch across the job)."""
-    if batches is None or job is None:
-        return
-    set_shard = getattr(batches, "set_shard", None)
-    if set_shard is None:
-        raise distributed.unsupported_loader_error(type(getattr(batches, "iterable", batches)).__name__)
-    set_shard(Shard(job.rank, job.world_size, pad))
-
-
-def _checkpointing(
-    checkpoint_dir: str | Path | None, checkpoint_every: int | None, resume: bool | str | Path
-) -> tuple[Path | None, dict[str, Any] | None]:
-    """The checked checkpoint folder, and the state to resume from (None for a fresh start)."""
-    directory = None if checkpoint_dir is None else Path(checkpoint_dir)
-    if directory is not None:
-        check_writable(directory)
-    if checkpoint_every is not None:
-        check_count("checkpoint_every", checkpoint_every)
-        if directory is None:
-            raise config_error(
-                "checkpoint_every needs checkpoint_dir.",
-                f"checkpoint_every={checkpoint_every}",
-                "pass checkpoint_dir=PATH.",
-            )
-    return directory, _find_resume_state(resume, directory)
-
-
 def _already_done(run: Run, state: dict[str, Any]) -> bool:
     """Refuse a checkpoint of another setup; for a finished run, load its result and say so."""
     changed = differences(state["fingerprint"], fingerprint(run))
@@ -307,7 +438,8 @@ def _already_done(run: Run, state: dict[str, Any]) -> bool:
         raise config_error(
             "The checkpoint was written by a different training setup; resuming would not continue it.",
             "; ".join(changed),
-            "resume with the same model, optimizer, batch size and data, or start afresh (resume=False).",
+            "resume with the same model, optimizer, batch size, data and number of processes, or start afresh "
+            "(resume=False).",
         )
     done = nothing_left(state, run.epochs)
     if done is None:
@@ -321,14 +453,8 @@ def _already_done(run: Run, state: dict[str, Any]) -> bool:
 def _find_resume_state(resume: bool | str | Path, directory: Path | None) -> dict[str, Any] | None:
     if resume is False:
         return None
-    if resume is True or resume == "auto":
-        if directory is None:
-            raise config_error(
-                "resume needs checkpoint_dir (or a checkpoint path).", f"resume={resume!r}", "pass checkpoint_dir=PATH."
-            )
-        source = directory
-    else:
-        source = Path(resume)
+    source = directory if resume is True or resume == "auto" else Path(resume)
+    assert source is not None  # checked with the options
     found = load_checkpoint(source) if source.exists() else None
     if found is not None:
         return found[0]
@@ -342,74 +468,20 @@ def _find_resume_state(resume: bool | str | Path, directory: Path | None) -> dic
     )
 
 
-def _check_fit_arguments(
-    model: nn.Module,
-    *,
-    epochs: int,
-    batch_size: int,
-    shuffle: bool,
-    progress: Progress,
-    val: Any,
-    val_split: float,
-    grad_accum_steps: int,
-    compile: bool,
-    terminate_on_nan: bool | str,
-    clip_grad_norm: float | None,
-    clip_grad_value: float | None,
-    step: StepFn | None,
-) -> None:
-    """The checks of fit's plain arguments, before anything is built."""
-    _check_model(model)
-    check_count("epochs", epochs)
-    check_count("batch_size", batch_size)
-    _check_choice("shuffle", shuffle, (True, False))
-    _check_choice("progress", progress, (True, False, "auto"))
-    if isinstance(val_split, bool) or not isinstance(val_split, (int, float)) or not 0 <= val_split < 1:
-        raise config_error(
-            "val_split must be a fraction in [0, 1).", f"val_split={val_split!r}", "pass e.g. val_split=0.1."
-        )
-    if val_split and val is not None:
-        raise config_error(
-            "Pass either val or val_split, not both.",
-            f"val={describe(val)}, val_split={val_split}",
-            "drop val_split to use the given validation data.",
-        )
-    check_count("grad_accum_steps", grad_accum_steps)
-    _check_choice("compile", compile, (True, False))
-    _check_choice("terminate_on_nan", terminate_on_nan, (True, False, "auto"))
-    for name, clip in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
-        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
-            raise config_error(f"{name} must be a number > 0.", f"{name}={clip!r}", f"pass e.g. {name}=1.0, or None.")
-    if step is not None and not callable(step):
-        raise config_error("step must be a function step(run, batch).", describe(step), "see trainwell.train_step.")
-
-
-def _scheduler_callback(scheduler: Any, epochs: int, steps_per_epoch: int | None, has_val: bool) -> LRScheduler:
-    if isinstance(scheduler, str):
-        return build_scheduler(scheduler, epochs=epochs, steps_per_epoch=steps_per_epoch, has_val=has_val)
-    if isinstance(scheduler, LRScheduler):
-        return scheduler
-    if hasattr(scheduler, "step") and hasattr(scheduler, "optimizer"):
-        return LRScheduler(scheduler)
-    raise config_error(
-        "scheduler must be a name, a trainwell.LRScheduler or a torch scheduler.",
-        f"scheduler={describe(scheduler)}",
-        f"use one of {', '.join(SCHEDULERS)}, or LRScheduler(lambda optimizer: StepLR(optimizer, 5)).",
-    )
-
-
-def _check_monitors(callbacks: Sequence[Callback], keys: list[str]) -> None:
-    """Every callback's ``monitor`` must name a value that the run will log."""
+def _check_monitors(callbacks: Sequence[Callback], keys: list[str], step: StepFn | None) -> None:
+    """Every callback's ``monitor`` must name a value that the run will log (a custom step's own
+    values are known only once it ran: those are checked when they are read)."""
     available = [*keys, *(key for callback in callbacks for key in getattr(callback, "adds_logs", ()))]
     for callback in callbacks:
         monitor = getattr(callback, "monitor", None)
-        if monitor is not None and monitor not in available:
-            hint = " (there is no validation data: pass val= or val_split=)" if monitor.startswith("val_") else ""
-            raise config_error(
-                f"{type(callback).__name__} monitors {monitor!r}, which this run will never log{hint}.",
-                f"monitor={monitor!r}",
-                f"monitor one of: {', '.join(available)}.",
-            )
+        if monitor is None or monitor in available or (step is not None and not monitor.startswith("val_")):
+            continue
+        hint = " (there is no validation data: pass val= or val_split=)" if monitor.startswith("val_") else ""
+        raise config_error(
+            f"{type(callback).__name__} monitors {monitor!r}, which this run will never log{hint}.",
+            f"monitor={monitor!r}",
+            f"monitor one of: {', '.join(available)}.",
+        )
 
 
 def _class_weight_tensor(class_weight: Mapping[int, float] | Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -478,11 +550,12 @@ def evaluate(
     tally = Tally(_resolve_metrics(metrics, spec), has_loss=spec is not None)
     job = distributed.setup()
     target = _job_device(job, device)
-    batches = to_batches(data, batch_size=batch_size, shuffle=False, seed=0, device=target, dtype=float_dtype(model))
-    _shard(batches, job, pad=False)
+    batches = _inference_batches(data, batch_size, job, target, model)
     model.to(target)
     diagnosis = examine(model, spec, batches, role="evaluation data", needs_targets=True, device=target,
                         metrics=tally.metrics, scan_values=False)  # fmt: skip
+    for repair in diagnosis.repairs:
+        batches.repair(repair)
     _say(diagnosis.notes, job)
     run = _inference_run(model, target, tally, spec.fn if spec is not None else None)
     run.reduce = None if job is None else distributed.all_reduce_sum
@@ -524,8 +597,7 @@ def predict(
     check_count("batch_size", batch_size)
     job = distributed.setup()
     target = _job_device(job, device)
-    batches = to_batches(data, batch_size=batch_size, shuffle=False, seed=0, device=target, dtype=float_dtype(model))
-    _shard(batches, job, pad=False)
+    batches = _inference_batches(data, batch_size, job, target, model, inputs_only=True)
     model.to(target)
     run = _inference_run(model, target, Tally([], has_loss=False), None)
     outputs = _concatenate(loop.predict_loop(run, batches))
@@ -539,6 +611,22 @@ def predict(
         )
     parts = distributed.gather(outputs)
     return distributed.interleave(parts) if job.is_main_process or all_ranks else None
+
+
+def _inference_batches(
+    data: Any,
+    batch_size: int,
+    job: distributed.Distributed | None,
+    device: torch.device,
+    model: nn.Module,
+    inputs_only: bool = False,
+) -> Batches:
+    """The batches of one pass (a generator is fine), each process reading only its own samples."""
+    batches = to_batches(data, batch_size=batch_size, shuffle=False, seed=0, device=device, dtype=float_dtype(model),
+                         one_pass=True, inputs_only=inputs_only)  # fmt: skip
+    if job is not None:
+        batches.lay_out(Layout(job.rank, job.world_size, lockstep=False))
+    return batches
 
 
 def _inference_run(model: nn.Module, device: torch.device, tally: Tally, loss_fn: LossFn | None) -> Run:

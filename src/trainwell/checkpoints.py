@@ -19,18 +19,18 @@ import threading
 import warnings
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from trainwell import distributed
 from trainwell.callbacks import Callback
-from trainwell.checkpoint import atomic_write, clean_state_dict, safe_load, weights_on_cpu
 from trainwell.errors import DataError, TrainingInterrupted, TrainwellWarning, config_error
 from trainwell.run import Run
+from trainwell.weights import atomic_write, clean_state_dict, safe_load, weights_on_cpu
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the state is keyed by stateful object (model, optimizer, ..., position)
 MANIFEST = "manifest.json"
 KEEP = 2
 
@@ -50,28 +50,89 @@ def check_writable(directory: Path) -> None:
         ) from None
 
 
-def training_state(run: Run, *, epoch: int, batches_done: int, per_process: Any) -> dict[str, Any]:
-    """Everything needed to continue ``run`` exactly where it is (at an optimizer-step boundary):
-    at ``batches_done`` batches into ``epoch``. ``per_process`` holds the random states and
-    running sums of this process, or of every process (a list in rank order) in a torchrun job."""
+class Stateful(Protocol):
+    """Anything a checkpoint saves: torch's ``state_dict`` / ``load_state_dict`` pair."""
+
+    def state_dict(self) -> Any: ...
+    def load_state_dict(self, state: Any, /) -> Any: ...
+
+
+class _Weights:
+    """The user's model as saved: its weights on the CPU, without wrapper prefixes."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return weights_on_cpu(self.module)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+
+class _Position:
+    """Where the run stands: the epoch and batches done in it, optimizer steps, whether a callback
+    stopped it, its seed (the data order) and the values callbacks logged in the epoch so far."""
+
+    def __init__(self, run: Run, epoch: int, batches_done: int) -> None:
+        self.run, self.epoch, self.batches_done = run, epoch, batches_done
+
+    def state_dict(self) -> dict[str, Any]:
+        run = self.run
+        return {
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "global_step": run.global_step,
+            "stopped": run.stop_training,
+            "seed": run.seed,
+            "extra_logs": dict(run.extra_logs) if self.batches_done else {},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        run = self.run
+        run.epoch = run.start_epoch = int(state["epoch"])
+        run.batches_done, run.global_step = int(state["batches_done"]), int(state["global_step"])
+        run.extra_logs = dict(state["extra_logs"])
+
+
+class _ProcessState:
+    """What differs between the processes of a job: random states and the epoch's running sums."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"random": _random_states(), "tally": self.run.train_tally.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.run.batches_done:  # a mid-epoch checkpoint: the epoch's sums so far
+            self.run.train_tally.load_state_dict(state["tally"], self.run.device)
+        _set_random_states(state["random"])
+
+
+def stateful_objects(run: Run, *, epoch: int, batches_done: int) -> dict[str, Stateful]:
+    """The one list of what a checkpoint holds, keyed as saved: saving and restoring iterate it.
+    ``epoch`` and ``batches_done`` are where a resumed run continues."""
     assert run.optimizer is not None
     return {
+        "model": _Weights(run.module),
+        "optimizer": run.optimizer,
+        "scaler": run.precision.scaler,
+        "history": run.history,
+        "position": _Position(run, epoch, batches_done),
+    }
+
+
+def training_state(run: Run, *, epoch: int, batches_done: int, per_process: Any) -> dict[str, Any]:
+    """Everything needed to continue ``run`` exactly where it is (at an optimizer-step boundary):
+    at ``batches_done`` batches into ``epoch``. ``per_process`` holds this process's random
+    states and running sums, or every process's (a list in rank order) in a torchrun job."""
+    state = {
+        key: item.state_dict() for key, item in stateful_objects(run, epoch=epoch, batches_done=batches_done).items()
+    }
+    return state | {
         "format": FORMAT_VERSION,
-        "model": weights_on_cpu(run.module),
-        "optimizer": run.optimizer.state_dict(),
-        "scaler": run.precision.scaler.state_dict(),
-        "callbacks": {
-            _callback_key(index, callback): callback.state_dict()  # type: ignore[attr-defined]
-            for index, callback in enumerate(_callbacks(run))
-            if callable(getattr(callback, "state_dict", None))
-        },
-        "epoch": epoch,
-        "batches_done": batches_done,
-        "global_step": run.global_step,
-        "stopped": run.stop_training,
-        "seed": run.seed,
-        "history": run.history.state_dict(),
-        "extra_logs": dict(run.extra_logs),
+        "callbacks": run.callbacks.state_dict(),
         "per_process": per_process,
         "fingerprint": fingerprint(run),
     }
@@ -83,9 +144,10 @@ def fingerprint(run: Run) -> dict[str, Any]:
     return {
         "parameters": {key: list(value.shape) for key, value in clean_state_dict(run.module.state_dict()).items()},
         "optimizer": type(run.optimizer).__name__,
-        "batch_size": getattr(run.train_batches, "batch_size", None),
+        "batch_size": run.train_batches.batch_size,
         "samples": run.train_batches.num_samples,
         "grad_accum_steps": run.grad_accum_steps,
+        "world_size": run.world_size,
     }
 
 
@@ -99,8 +161,8 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         shown = ", ".join(f"{key} {before.get(key, 'absent')} -> {now.get(key, 'absent')}" for key in changed[:4])
         found.append(f"model architecture ({shown})")
     for key, label in (("optimizer", "optimizer"), ("batch_size", "batch size"), ("samples", "dataset size"),
-                       ("grad_accum_steps", "grad_accum_steps")):  # fmt: skip
-        if saved[key] != current[key]:
+                       ("grad_accum_steps", "grad_accum_steps"), ("world_size", "processes")):  # fmt: skip
+        if saved.get(key, 1) != current[key]:
             found.append(f"{label}: {saved[key]} in the checkpoint, {current[key]} now")
     return found
 
@@ -115,9 +177,10 @@ def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
-    name = f"checkpoint-{state['global_step']:010d}-{state['epoch']:05d}-{state['batches_done']:07d}.pt"
+    position = state["position"]
+    name = f"checkpoint-{position['global_step']:010d}-{position['epoch']:05d}-{position['batches_done']:07d}.pt"
     atomic_write(data, directory / name)
-    entry = {key: state[key] for key in ("epoch", "batches_done", "global_step", "stopped")}
+    entry = {key: position[key] for key in ("epoch", "batches_done", "global_step", "stopped")}
     entry |= {"file": name, "sha256": hashlib.sha256(data).hexdigest()}
     kept = [entry, *[old for old in _manifest_entries(directory) if old["file"] != name][: KEEP - 1]]
     atomic_write(json.dumps({"format": FORMAT_VERSION, "checkpoints": kept}, indent=1).encode(), directory / MANIFEST)
@@ -177,59 +240,33 @@ def _manifest_entries(directory: Path) -> list[dict[str, Any]]:
 
 
 def restore(run: Run, state: dict[str, Any]) -> None:
-    """Put ``run`` (model, optimizer, scaler, callbacks, counters, sums, random states) back into
-    the saved state."""
-    assert run.optimizer is not None
-    run.module.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.precision.scaler.load_state_dict(state["scaler"])
-    saved = state["callbacks"]
-    for index, callback in enumerate(_callbacks(run)):
-        key = _callback_key(index, callback)
-        if key in saved and callable(getattr(callback, "load_state_dict", None)):
-            callback.load_state_dict(saved[key])  # type: ignore[attr-defined]
-    run.epoch, run.start_epoch = state["epoch"], state["epoch"]
-    run.batches_done, run.global_step = state["batches_done"], state["global_step"]
-    run.history.load_state_dict(state["history"])
-    mine = state["per_process"][run.rank] if isinstance(state["per_process"], list) else state["per_process"]
-    if run.batches_done:
-        run.train_tally.load_state_dict(mine["tally"], run.device)
-        run.extra_logs = dict(state["extra_logs"])
-    _set_random_states(mine["random"])
+    """Put ``run`` back into the saved state: every stateful object now, the callbacks' states
+    right after ``on_fit_start`` (``run.callback_states``, given by the loop)."""
+    position = state["position"]
+    for key, item in stateful_objects(run, epoch=position["epoch"], batches_done=position["batches_done"]).items():
+        item.load_state_dict(state[key])
+    processes = state["per_process"]
+    _ProcessState(run).load_state_dict(processes[run.rank] if isinstance(processes, list) else processes)
+    run.callback_states = state["callbacks"]
 
 
-class Restorer(Callback):
-    """Puts a saved training state back at the start of ``fit``: after the user's callbacks'
-    ``on_fit_start``, so that their restored state is what they train with. Used alone when
-    ``fit`` resumes from a file without a ``checkpoint_dir`` to save into."""
-
-    def __init__(self, state: dict[str, Any] | None) -> None:
-        self.state = state
-
-    def on_fit_start(self, run: Run) -> None:
-        if self.state is not None:
-            restore(run, self.state)
-            self.state = None
-
-
-class Checkpointer(Restorer):
+class Checkpointer(Callback):
     """Saves the training state at the end of every epoch and every ``every_n_steps`` optimizer
-    steps; restores a saved state at the start of ``fit``; turns Ctrl-C / SIGTERM into "finish
-    the current step, save, raise ``TrainingInterrupted``".
+    steps; turns Ctrl-C / SIGTERM into "finish the current step, save, raise
+    ``TrainingInterrupted``".
 
     Added by ``fit(checkpoint_dir=...)`` after the user's callbacks (so their state is final
     when saved) and before the display.
     """
 
-    def __init__(self, directory: Path, every_n_steps: int | None = None, state: dict[str, Any] | None = None) -> None:
-        super().__init__(state)
+    def __init__(self, directory: Path, every_n_steps: int | None = None) -> None:
         self.directory = directory
         self.every_n_steps = every_n_steps
         self.signal_number: int | None = None
         self.previous_handlers: dict[int, Any] = {}
 
     def on_fit_start(self, run: Run) -> None:
-        super().on_fit_start(run)
+        self.signal_number = None
         # In a torchrun job, torchrun itself stops and restarts the processes; a signal seen by
         # the ranks at different steps could not be turned into one common stop without a
         # collective per step, so there the periodic checkpoints are what resuming uses.
@@ -262,7 +299,7 @@ class Checkpointer(Restorer):
         self.previous_handlers = {}
 
     def _save(self, run: Run, epoch: int, batches_done: int) -> None:
-        mine = {"random": _random_states(), "tally": run.train_tally.state_dict()}
+        mine = _ProcessState(run).state_dict()
         per_process = mine if run.world_size == 1 else distributed.gather(mine)
         if run.is_main_process:
             state = training_state(run, epoch=epoch, batches_done=batches_done, per_process=per_process)
@@ -277,14 +314,6 @@ class Checkpointer(Restorer):
             "to continue exactly from there.",
             self.signal_number,
         )
-
-
-def _callbacks(run: Run) -> list[Callback]:
-    return list(getattr(run.callbacks, "callbacks", []))
-
-
-def _callback_key(index: int, callback: Callback) -> str:
-    return f"{index}:{type(callback).__name__}"
 
 
 def _random_states() -> dict[str, Any]:
@@ -312,8 +341,9 @@ def _set_random_states(states: dict[str, Any]) -> None:
 def nothing_left(state: dict[str, Any], epochs: int) -> str | None:
     """Why the saved run needs no more training (a callback stopped it, or it reached
     ``epochs``), or None when there is more to do."""
-    if state["stopped"]:
-        return f"Nothing to resume: the run was stopped by a callback after epoch {state['epoch']}."
-    if state["epoch"] >= epochs:
-        return f"Nothing to resume: the run already finished {state['epoch']} epochs (epochs={epochs})."
+    position = state["position"]
+    if position["stopped"]:
+        return f"Nothing to resume: the run was stopped by a callback after epoch {position['epoch']}."
+    if position["epoch"] >= epochs:
+        return f"Nothing to resume: the run already finished {position['epoch']} epochs (epochs={epochs})."
     return None

@@ -8,6 +8,7 @@ device, wrapping the model in DistributedDataParallel, and the few collectives t
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -150,3 +151,20 @@ def unsupported_loader_error(kind: str) -> Exception:
         "pass in-memory tensors, a Dataset, or a DataLoader with a plain (random or sequential) sampler; "
         "trainwell then gives each process its share.",
     )
+
+
+def deferred_sync(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """A backward pass inside this context keeps DDP from all-reducing the gradients (the
+    gradients of a window's earlier batches are reduced with its last); nothing otherwise."""
+    if isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def average_gradients(parameters: list[torch.Tensor]) -> None:
+    """Average the gradients over the processes, as DDP's all-reduce would have (for a window
+    left open when training stopped inside it)."""
+    gradients = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    for gradient in gradients:
+        reduced = all_reduce_sum(gradient)
+        gradient.copy_(reduced / dist.get_world_size())

@@ -1,9 +1,10 @@
 """The input doctor: checks data, model outputs and loss together before the first step.
 
 Owns: the pre-flight examination (one forward pass on a few samples, in eval mode, under
-no_grad, with the random state restored), repairs whose intent is unambiguous (said once as a
-warning), and errors that say what is wrong, what was received and the fix. Runs once per
-``fit``/``evaluate``; nothing here runs per step except the repairs it installs on streamed data.
+no_grad, with the random state and every buffer restored), the repairs whose intent is
+unambiguous (reported with a note each; the caller applies them to the data), and errors that
+say what is wrong, what was received and the fix. Runs once per ``fit``/``evaluate``; nothing
+here runs per step except the repairs the caller installs on streamed data.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainwell.data import Batch, Batches, TensorBatches
+from trainwell.batches import Batches
+from trainwell.data import Batch, InMemory, Repair
 from trainwell.errors import data_error, describe
 from trainwell.losses import LossSpec, check_loss_inputs
-from trainwell.metrics import Accuracy, ExternalMetric, Metric, TopKAccuracy
+from trainwell.metrics import Accuracy, ExternalMetric, Metric, TopKAccuracy, check_metric
 from trainwell.models import call_model, float_dtype, probing
+from trainwell.structures import map_tensors, named_tensors, tensors_of
 
 SAMPLE_SIZE = 8
 _DTYPE_ERROR = re.compile(r"dtype|scalar type|Float|Double|Half|BFloat16|Long|Int")
@@ -32,11 +35,13 @@ class Diagnosis:
     """What the examination found.
 
     Attributes:
-        notes: Repairs made, one sentence each (``fit`` shows them as warnings).
+        notes: Repairs to make, one sentence each (``fit`` shows them as warnings).
+        repairs: The repairs, in order, for the caller to apply to every batch of the data.
         has_weights: The data carries per-sample weights.
     """
 
     notes: list[str] = field(default_factory=list)
+    repairs: list[Repair] = field(default_factory=list)
     has_weights: bool = False
 
 
@@ -49,33 +54,35 @@ def examine(
     needs_targets: bool,
     device: torch.device,
     metrics: list[Metric | ExternalMetric] | None = None,
-    training: bool = False,
     scan_values: bool = True,
+    run_model: bool = True,
 ) -> Diagnosis:
-    """Check ``batches`` against ``model`` and the loss; repair what is unambiguous.
+    """Check ``batches`` against ``model`` and the loss; find the repairs that are unambiguous.
 
     Args:
         model: The model, already on ``device``.
         spec: The loss (None when only metrics are computed).
-        batches: The data; repairs are installed on it.
+        batches: The data (not changed: the repairs come back in the diagnosis).
         role: ``"training data"``, ``"validation data"``, ... (for messages).
         needs_targets: Whether the data must have targets.
         device: The model's device.
         metrics: The metrics that will be computed (checked against the targets).
-        training: Whether the model will be trained on the data (BatchNorm checks).
         scan_values: Look for NaN/inf in in-memory data now (one pass over it). Training must,
             before any step; ``evaluate`` passes False and calls ``explain_non_finite`` only
             when its results are not finite.
 
     Returns:
-        The diagnosis (notes to show, whether sample weights are present).
+        The diagnosis (notes to show, repairs to apply, whether sample weights are present).
 
     Raises:
         DataError: A mistake with no unambiguous repair.
     """
     diagnosis = Diagnosis()
-    if scan_values and isinstance(batches, TensorBatches):
-        _check_finite(batches, role)
+    memory = batches.in_memory()
+    if scan_values and memory is not None:
+        _check_finite(memory, role)
+    if not run_model:
+        return diagnosis
     with probing(model, device):
         sample = batches.sample(SAMPLE_SIZE)
         diagnosis.has_weights = sample.weights is not None
@@ -87,37 +94,31 @@ def examine(
             )
         outputs, sample = _forward(model, sample, batches, role, diagnosis)
         if spec is not None and sample.targets is not None and isinstance(outputs, torch.Tensor):
-            sample = _repair_targets(spec, outputs, sample, batches, diagnosis)
-            all_targets = batches.data.targets if isinstance(batches, TensorBatches) else None
+            sample = _repair_targets(spec, outputs, sample, memory, diagnosis)
+            all_targets = None if memory is None else memory.targets
+            for repair in diagnosis.repairs if all_targets is not None else []:  # as training will see them
+                all_targets = repair(Batch(None, all_targets, 0)).targets
             check_loss_inputs(spec, outputs, sample.targets, all_targets=all_targets)  # type: ignore[arg-type]
             _check_loss_value(spec, outputs, sample, role)
             _warn_about_activations(model, spec, outputs, diagnosis)
         if metrics and sample.targets is not None and isinstance(outputs, torch.Tensor):
             _check_metrics(metrics, spec, outputs, sample.targets)
-    if training:
-        _handle_single_sample_batches(model, batches, diagnosis)
     return diagnosis
 
 
 def explain_non_finite(batches: Batches, role: str, results: dict[str, float]) -> None:
     """After a pass whose ``results`` hold NaN or inf: when the in-memory data holds them,
     raise the error that names the first bad row (as ``examine`` does before training)."""
-    if isinstance(batches, TensorBatches) and not all(map(math.isfinite, results.values())):
-        _check_finite(batches, role)
+    memory = batches.in_memory()
+    if memory is not None and not all(map(math.isfinite, results.values())):
+        _check_finite(memory, role)
 
 
-def _check_finite(batches: TensorBatches, role: str) -> None:
+def _check_finite(memory: InMemory, role: str) -> None:
     """NaN or inf in in-memory data: name the first bad row and column."""
-    parts: list[tuple[str, torch.Tensor]] = []
-    inputs = batches.data.inputs
-    if isinstance(inputs, torch.Tensor):
-        parts.append(("inputs", inputs))
-    elif isinstance(inputs, dict):
-        parts += [(f"inputs[{key!r}]", value) for key, value in inputs.items()]
-    else:
-        parts += [(f"inputs[{index}]", value) for index, value in enumerate(inputs)]
-    if batches.data.targets is not None:
-        parts.append(("targets", batches.data.targets))
+    parts = named_tensors(memory.inputs, "inputs")
+    if memory.targets is not None:
+        parts.append(("targets", memory.targets))
     for name, tensor in parts:
         # One pass, no copy: NaN and inf make the sum non-finite (a sum that overflows only
         # costs the exact search below, which then finds nothing).
@@ -142,7 +143,7 @@ def _forward(model: nn.Module, sample: Batch, batches: Batches, role: str, diagn
         return call_model(model, sample.inputs), sample
     except RuntimeError as error:
         dtype = float_dtype(model)
-        leaves = _tensors(sample.inputs)
+        leaves = tensors_of(sample.inputs)
         castable = any(leaf.dtype not in (dtype, torch.bool) for leaf in leaves)
         if castable and _DTYPE_ERROR.search(str(error)):
             fix = _cast_inputs(dtype)
@@ -151,7 +152,7 @@ def _forward(model: nn.Module, sample: Batch, batches: Batches, role: str, diagn
             except RuntimeError:
                 outputs = None
             if outputs is not None:
-                batches.repair(fix)
+                diagnosis.repairs.append(fix)
                 received = ", ".join(sorted({_name(leaf.dtype) for leaf in leaves}))
                 diagnosis.notes.append(f"The {role} inputs ({received}) were cast to the model's {_name(dtype)}.")
                 return outputs, fix(sample)
@@ -160,7 +161,7 @@ def _forward(model: nn.Module, sample: Batch, batches: Batches, role: str, diagn
 
 def _forward_error(model: nn.Module, sample: Batch, role: str, error: RuntimeError) -> Exception:
     first = next((module for module in model.modules() if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))), None)
-    leaves = _tensors(sample.inputs)
+    leaves = tensors_of(sample.inputs)
     if isinstance(first, nn.Linear) and len(leaves) == 1 and leaves[0].shape[-1] != first.in_features:
         return data_error(
             f"The model's first layer expects {first.in_features} features per sample; the {role} has "
@@ -178,14 +179,7 @@ def _forward_error(model: nn.Module, sample: Batch, role: str, error: RuntimeErr
 
 def _cast_inputs(dtype: torch.dtype) -> Callable[[Batch], Batch]:
     def cast(batch: Batch) -> Batch:
-        inputs = batch.inputs
-        if isinstance(inputs, torch.Tensor):
-            inputs = inputs.to(dtype)
-        elif isinstance(inputs, dict):
-            inputs = {key: value.to(dtype) for key, value in inputs.items()}
-        else:
-            inputs = tuple(value.to(dtype) for value in inputs)
-        return batch._replace(inputs=inputs)
+        return batch._replace(inputs=map_tensors(batch.inputs, lambda tensor: tensor.to(dtype)))
 
     return cast
 
@@ -194,7 +188,7 @@ TargetFix = tuple[Callable[[torch.Tensor], torch.Tensor], str]
 
 
 def _repair_targets(
-    spec: LossSpec, outputs: torch.Tensor, sample: Batch, batches: Batches, diagnosis: Diagnosis
+    spec: LossSpec, outputs: torch.Tensor, sample: Batch, memory: InMemory | None, diagnosis: Diagnosis
 ) -> Batch:
     """Squeeze, reshape and cast targets when there is only one sensible reading."""
     targets = sample.targets
@@ -205,7 +199,7 @@ def _repair_targets(
     elif spec.targets == "same_shape":
         fixes = _value_target_fixes(outputs, targets)
         if spec.name in ("bce", "bce_with_logits"):
-            _check_binary_targets(batches, targets)
+            _check_binary_targets(targets if memory is None or memory.targets is None else memory.targets)
     if not fixes:
         return sample
 
@@ -216,7 +210,7 @@ def _repair_targets(
             fixed = fix(fixed)
         return batch._replace(targets=fixed)
 
-    batches.repair(repair)
+    diagnosis.repairs.append(repair)
     reasons = " and ".join(why for _, why in fixes)
     diagnosis.notes.append(f"The {spec.name} targets were {reasons}.")
     return repair(sample)
@@ -254,9 +248,7 @@ def _value_target_fixes(outputs: torch.Tensor, targets: torch.Tensor) -> list[Ta
     return fixes
 
 
-def _check_binary_targets(batches: Batches, sample_targets: torch.Tensor) -> None:
-    targets = batches.data.targets if isinstance(batches, TensorBatches) else sample_targets
-    assert targets is not None
+def _check_binary_targets(targets: torch.Tensor) -> None:
     outside = (targets < 0) | (targets > 1)
     if bool(outside.any()):
         index = [int(position) for position in outside.nonzero()[0]]
@@ -306,46 +298,39 @@ def _check_metrics(
     metrics: list[Metric | ExternalMetric], spec: LossSpec | None, outputs: torch.Tensor, targets: torch.Tensor
 ) -> None:
     for metric in metrics:
-        if not isinstance(metric, (Accuracy, TopKAccuracy)):
-            continue
-        continuous = targets.is_floating_point() and not bool((targets == targets.round()).all())
-        regression = spec is not None and spec.outputs == "values"
-        binary_probabilities = spec is not None and spec.name in ("bce", "bce_with_logits")
-        if continuous and (regression or not binary_probabilities):
-            raise data_error(
-                f"{metric.name} needs class targets, but the targets are continuous values (a regression task).",
-                f"targets {describe(targets)}, e.g. {float(targets.flatten()[0]):.4g}",
-                "use metrics=['mae'], ['mse'] or ['rmse'] for regression.",
-            )
-        if isinstance(metric, TopKAccuracy) and (outputs.dim() < 2 or outputs.shape[1] < 2):
-            raise data_error(
-                f"{metric.name} needs one output per class.",
-                f"outputs {describe(outputs)}",
-                "use 'accuracy' for a single output column.",
-            )
+        if isinstance(metric, (Accuracy, TopKAccuracy)):
+            _check_accuracy(metric, spec, outputs, targets)
+        check_metric(metric, outputs, targets)  # any metric that would fail, before the first step
 
 
-def _handle_single_sample_batches(model: nn.Module, batches: Batches, diagnosis: Diagnosis) -> None:
-    has_batch_norm = any(
-        isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training for module in model.modules()
-    )
-    if not has_batch_norm:
-        return
-    before = batches.num_batches
-    batches.skip_single_batches()
-    if isinstance(batches, TensorBatches) and not batches.drops_single_last:
-        return
-    note = "The model has BatchNorm, which cannot train on a batch of one sample: such batches are left out"
-    if isinstance(batches, TensorBatches):
-        note += f" (the last sample of each epoch's order; {before} -> {batches.num_batches} batches)"
-    diagnosis.notes.append(note + ".")
+def _check_accuracy(
+    metric: Accuracy | TopKAccuracy, spec: LossSpec | None, outputs: torch.Tensor, targets: torch.Tensor
+) -> None:
+    continuous = targets.is_floating_point() and not bool((targets == targets.round()).all())
+    regression = spec is not None and spec.outputs == "values"
+    binary_probabilities = spec is not None and spec.name in ("bce", "bce_with_logits")
+    if continuous and (regression or not binary_probabilities):
+        raise data_error(
+            f"{metric.name} needs class targets, but the targets are continuous values (a regression task).",
+            f"targets {describe(targets)}, e.g. {float(targets.flatten()[0]):.4g}",
+            "use metrics=['mae'], ['mse'] or ['rmse'] for regression.",
+        )
+    if isinstance(metric, TopKAccuracy) and (outputs.dim() < 2 or outputs.shape[1] < 2):
+        raise data_error(
+            f"{metric.name} needs one output per class.",
+            f"outputs {describe(outputs)}",
+            "use 'accuracy' for a single output column.",
+        )
 
 
-def _tensors(inputs: Any) -> list[torch.Tensor]:
-    if isinstance(inputs, torch.Tensor):
-        return [inputs]
-    values = inputs.values() if isinstance(inputs, dict) else inputs
-    return [value for value in values if isinstance(value, torch.Tensor)]
+def left_out_note(batches: Batches) -> list[str]:
+    """The note for samples the batch plan leaves out because BatchNorm cannot train on so few."""
+    if not batches.left_out:
+        return []
+    return [
+        f"The model has BatchNorm, which cannot train on a batch of one sample: the last {batches.left_out} "
+        f"sample(s) of each epoch's order are left out ({batches.num_batches} batches per epoch)."
+    ]
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -1,14 +1,19 @@
 """The training algorithm: the only module that iterates over batches.
 
 Order of events in ``fit_loop`` (a test asserts it):
-  1. ``on_fit_start``
+  0. (before ``fit_loop``: a resumed run's model, optimizer, counters, History, running sums and
+     random states are restored, so everything below sees the continued run)
+  1. ``on_fit_start``; then a resumed run's callback states are loaded into the callbacks
+     (each callback sets itself up afresh in ``on_fit_start``, and the saved state continues it)
   2. for each epoch from ``run.start_epoch`` to ``run.epochs - 1``:
      1. ``on_epoch_start``
      2. for each training batch: ``on_train_batch_start``; the step (forward and loss under
-        autocast, scaled backward; when a gradient-accumulation window is complete: unscale,
-        average, clip, ``on_before_optimizer_step``, optimizer step, zero_grad; device-side
-        sums); ``on_train_batch_end``; leave the epoch if ``run.stop_training``
-     3. the optimizer step of a partial last accumulation window
+        autocast, backward weighted for accumulation and sharding; when the batch ends an
+        accumulation window: unscale, divide, clip, ``on_before_optimizer_step``, optimizer
+        step, zero_grad); the loop's accounting (``run.loss``, device-side sums, counters);
+        ``on_train_batch_end``; leave the epoch if ``run.stop_training``
+     3. the optimizer step of a window left open (training stopped inside it, or data of
+        unknown length)
      4. the epoch's training sums are read once (and reduced across processes)
      5. with validation data: ``on_eval_start``, ``on_eval_batch_end`` per batch,
         ``on_eval_end``
@@ -30,16 +35,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainwell.data import Batch, Batches
+from trainwell import distributed
+from trainwell.batches import Batches
+from trainwell.data import Batch
+from trainwell.errors import config_error
 from trainwell.metrics import Tally
 from trainwell.models import call_model, preserved_modes
-from trainwell.run import Run
+from trainwell.run import Run, StepResult, as_step_result
 
 
 def fit_loop(run: Run) -> None:
     """Train ``run.model`` from ``run.start_epoch`` until ``run.epochs`` or ``run.stop_training``."""
-    run.callbacks.fire("on_fit_start", run)
     try:
+        run.callbacks.fire("on_fit_start", run)
+        if run.callback_states is not None:
+            run.callbacks.load_state_dict(run.callback_states)
+            run.callback_states = None
         for epoch in range(run.start_epoch, run.epochs):
             run.epoch = epoch
             train_epoch(run)
@@ -65,53 +76,83 @@ def train_epoch(run: Run) -> None:
         run.train_tally.reset(run.device)
         run.extra_logs = {}
     run.callbacks.fire("on_epoch_start", run)
+    last = run.train_batches.num_batches
     for batch in run.train_batches.for_epoch(run.epoch, skip=run.batches_done):
         run.batch = batch
         run.callbacks.fire("on_train_batch_start", run)
-        run.step(run, batch)
+        run.window_batches += 1
+        run.window_samples += batch.global_size
+        run.ends_window = run.window_batches == run.grad_accum_steps or run.batches_done + 1 == last
+        run.loss = None  # set by the step once the batch's loss is known
+        _account(run, batch, as_step_result(run.step(run, batch)))
         run.batches_done += 1
+        if run.ends_window:
+            _close_window(run)
         run.callbacks.fire("on_train_batch_end", run)
         if run.stop_training:
             break
-    if run.window_samples:
-        optimizer_step(run)  # the last, partial window of gradient accumulation
+    if run.window_batches:
+        if run.world_size > 1:  # its last backward ran without DDP's all-reduce
+            distributed.average_gradients(run.parameters)
+        optimizer_step(run)
+        _close_window(run)
 
 
-def train_step(run: Run, batch: Batch) -> None:
-    """The default ``run.step``: forward, loss, backward and, when a window is complete, the
-    optimizer step.
+def _account(run: Run, batch: Batch, result: StepResult) -> None:
+    run.loss = None if result.loss is None else result.loss.detach()
+    run.outputs = result.outputs
+    if result.outputs is None and run.train_tally.metrics and batch.targets is not None:
+        raise config_error(
+            "The training step returned no outputs, so the metrics cannot be computed.",
+            f"metrics {', '.join(run.train_tally.keys[1:])} with a custom step",
+            "return trainwell.StepResult(loss, outputs) from the step, or drop the metrics.",
+        )
+    if batch.size:  # a process's placeholder in a ragged last step counts for nothing
+        tally = run.train_tally
+        if tally.has_loss or run.loss is None:
+            tally.update(run.loss, result.outputs, batch.targets, batch.size, result.logs)
+        else:  # a custom step without fit's loss: its own loss is logged by name
+            tally.update(None, result.outputs, batch.targets, batch.size, {"loss": run.loss, **result.logs})
 
-    Forward and loss run under the run's autocast. With ``grad_accum_steps == 1`` every batch
-    is one optimizer step. With k > 1, gradients of k batches are summed (each batch's loss
-    weighted by its size) and divided by the window's sample count before the step, so the
-    update equals that of one batch of all those samples; a partial last window is stepped at
-    the end of the epoch. Then ``run.loss``/``run.outputs`` are set and the running sums
-    updated. Never reads a device value.
 
-    A custom step (``fit(step=...)``) gets the same ``(run, batch)`` and may call this function
-    or ``compute_loss`` and ``optimizer_step``.
+def _close_window(run: Run) -> None:
+    run.window_batches = run.window_samples = 0
+    run.global_step += 1
+
+
+def train_step(run: Run, batch: Batch) -> StepResult:
+    """The default ``run.step``: forward, loss, backward and, when the batch ends an accumulation
+    window (``run.ends_window``), the optimizer step.
+
+    Forward and loss run under the run's autocast. The one gradient normalisation: each batch's
+    mean loss is weighted so that, after DistributedDataParallel averages over the N processes
+    and the window's batches are summed, the update equals that of one batch holding every
+    sample of the window on every process (a ragged last batch counts by its size). Batches that
+    do not end a window skip DDP's all-reduce. Never reads a device value.
+
+    A custom step (``fit(step=...)``) gets the same ``(run, batch)`` and does the whole update
+    itself; it may call ``compute_loss`` and ``optimizer_step``.
 
     Args:
-        run: The run; uses its model, loss, optimizer, precision and train_tally.
+        run: The run; uses its model, loss, optimizer and precision.
         batch: The batch, already on the device.
+
+    Returns:
+        The loss and the outputs; the loop adds them to the epoch's sums.
     """
     with run.precision.autocast():
         outputs = call_model(run.model, batch.inputs)
         loss = compute_loss(run, outputs, batch)
-    run.loss = loss.detach()
-    run.outputs = outputs
-    scaler = run.precision.scaler
+    run.loss = loss.detach()  # what TerminateOnNaN checks before the optimizer step
+    weight: float = batch.size * run.world_size
     if run.grad_accum_steps == 1:
-        scaler.scale(loss if batch.share == 1.0 else loss * batch.share).backward()  # type: ignore[no-untyped-call]
+        weight /= batch.global_size  # the window is this batch: divide now, not in optimizer_step
+    scaled = run.precision.scaler.scale(loss if weight == 1 else loss * weight)
+    with contextlib.nullcontext() if run.ends_window else distributed.deferred_sync(run.model):
+        scaled.backward()  # type: ignore[no-untyped-call]
+    if run.ends_window:
         optimizer_step(run)
-    else:
-        scaler.scale(loss * batch.size).backward()  # type: ignore[no-untyped-call]
-        run.window_samples += batch.size
-        run.window_batches += 1
-        if run.window_batches == run.grad_accum_steps:
-            optimizer_step(run)
-    if batch.size:  # a rank's padding in a ragged last step of a torchrun job counts for nothing
-        run.train_tally.update(run.loss, outputs, batch.targets, batch.size)
+    return StepResult(loss, outputs)
 
 
 def compute_loss(run: Run, outputs: Any, batch: Batch) -> torch.Tensor:
@@ -124,14 +165,14 @@ def compute_loss(run: Run, outputs: Any, batch: Batch) -> torch.Tensor:
 
 
 def optimizer_step(run: Run) -> None:
-    """Unscale, average accumulated gradients, clip, ``on_before_optimizer_step``, step, zero."""
+    """Unscale, divide accumulated gradients by the window's samples, clip,
+    ``on_before_optimizer_step``, step, zero the gradients."""
     assert run.optimizer is not None
     scaler = run.precision.scaler
     scaler.unscale_(run.optimizer)
-    if run.window_samples:
+    if run.grad_accum_steps > 1 and run.window_samples:
         gradients = [parameter.grad for parameter in run.parameters if parameter.grad is not None]
         torch._foreach_div_(gradients, run.window_samples)
-        run.window_samples = run.window_batches = 0
     if run.clip_grad_value is not None:
         nn.utils.clip_grad_value_(run.parameters, run.clip_grad_value, foreach=True)
     if run.clip_grad_norm is not None:
@@ -140,7 +181,6 @@ def optimizer_step(run: Run) -> None:
     scaler.step(run.optimizer)
     scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    run.global_step += 1
 
 
 def eval_epoch(run: Run, batches: Batches, tally: Tally) -> dict[str, float]:
@@ -154,7 +194,7 @@ def eval_epoch(run: Run, batches: Batches, tally: Tally) -> dict[str, float]:
     run.phase = "eval"
     tally.reset(run.device)
     run.callbacks.fire("on_eval_start", run)
-    with evaluation_mode(run.model), run.precision.autocast():
+    with evaluation_mode(run.model, run.loss_fn), run.precision.autocast():
         for batch in batches.for_epoch(0):
             outputs = call_model(run.model, batch.inputs)
             loss = None
@@ -184,7 +224,12 @@ def predict_loop(run: Run, batches: Batches) -> list[Any]:
 
 
 @contextlib.contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` under ``torch.inference_mode()``; restores each submodule's mode on exit."""
-    with preserved_modes(model, training=False), torch.inference_mode():
+def evaluation_mode(model: nn.Module, loss_fn: Any = None) -> Iterator[None]:
+    """``model.eval()`` (and a loss that is a module) under ``torch.inference_mode()``; restores
+    each submodule's mode on exit."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(preserved_modes(model, training=False))
+        if isinstance(loss_fn, nn.Module):
+            stack.enter_context(preserved_modes(loss_fn, training=False))
+        stack.enter_context(torch.inference_mode())
         yield

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from trainwell.api import fit
-from trainwell.callbacks import Callback, LRScheduler
+from trainwell.callbacks import Callback
 from trainwell.errors import config_error
 from trainwell.losses import LossFn
 from trainwell.plots import plot_lr_finder
 from trainwell.run import Run
+from trainwell.schedules import LRScheduler
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

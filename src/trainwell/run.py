@@ -5,14 +5,16 @@ Owns: the fields the loop and callbacks share. Holds state only; must not train 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 from torch import nn
 
-from trainwell.data import Batch, Batches
+from trainwell.batches import Batches
+from trainwell.data import Batch
+from trainwell.errors import config_error, describe
 from trainwell.history import History
 from trainwell.losses import LossFn, WeightedLossFn
 from trainwell.metrics import Tally
@@ -31,13 +33,57 @@ Hook = Literal[
     "on_fit_end",
 ]
 Phase = Literal["train", "eval", "predict"]
-StepFn = Callable[["Run", Batch], None]
+
+
+class StepResult(NamedTuple):
+    """What a training step did; the loop does the accounting (sums, ``run.loss``, counters).
+
+    Attributes:
+        loss: The batch's mean loss (a device tensor), or None.
+        outputs: The model's outputs, for the metrics (None when the step has none).
+        logs: Further named values of the batch (a GAN's ``loss_d``, ``loss_g``), averaged over
+            the epoch's samples and logged like the loss.
+    """
+
+    loss: torch.Tensor | None
+    outputs: Any = None
+    logs: Mapping[str, torch.Tensor] = {}
+
+
+StepFn = Callable[["Run", Batch], "StepResult | torch.Tensor | Mapping[str, torch.Tensor] | None"]
+
+
+def as_step_result(value: Any) -> StepResult:
+    """Read what a step returned: a ``StepResult``, a loss tensor, a dict of named losses (its
+    ``"loss"`` entry, when present, is the loss), or None.
+
+    Raises:
+        ConfigError: Anything else.
+
+    Example:
+        >>> sorted(as_step_result({"loss_d": torch.ones(()), "loss_g": torch.ones(())}).logs)
+        ['loss_d', 'loss_g']
+    """
+    if isinstance(value, StepResult):
+        return value
+    if value is None or isinstance(value, torch.Tensor):
+        return StepResult(value)
+    if isinstance(value, Mapping) and all(isinstance(item, torch.Tensor) for item in value.values()):
+        named = {str(key): item for key, item in value.items() if key != "loss"}
+        return StepResult(value.get("loss"), None, named)
+    raise config_error(
+        "A training step must return its loss, a dict of named losses, a trainwell.StepResult or None.",
+        describe(value),
+        "return e.g. {'loss_d': loss_d.detach(), 'loss_g': loss_g.detach()}, or StepResult(loss, outputs) for metrics.",
+    )
 
 
 class Dispatcher(Protocol):
     """Calls the callbacks that listen to a hook (implemented in ``callbacks``)."""
 
     def fire(self, hook: Hook, run: Run) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class NoCallbacks:
@@ -45,6 +91,13 @@ class NoCallbacks:
 
     def fire(self, hook: Hook, run: Run) -> None:
         """Do nothing."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """No state."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore."""
 
 
 @dataclass(eq=False)
@@ -76,7 +129,11 @@ class Run:
         weighted_loss_fn: ``fn(outputs, targets, sample_weights)`` for batches with weights.
         parameters: The trainable parameters (for clipping and accumulation).
         grad_accum_steps: Batches per optimizer step; window_batches / window_samples: the
-            batches and samples accumulated in the current window.
+            batches and the samples (over all processes) accumulated in the current window;
+            ends_window: whether the current batch completes its window (then the step updates
+            the weights).
+        callback_states: Saved callback states of a resumed run, given to the callbacks right
+            after ``on_fit_start`` (None otherwise).
         clip_grad_norm / clip_grad_value: Gradient clipping before each optimizer step.
         is_main_process: True on the process that prints and writes files.
         rank / world_size: This process's rank and the number of processes (0 and 1 outside torchrun).
@@ -115,6 +172,8 @@ class Run:
     grad_accum_steps: int = 1
     window_batches: int = 0
     window_samples: int = 0
+    ends_window: bool = True
+    callback_states: dict[str, Any] | None = None
     clip_grad_norm: float | None = None
     clip_grad_value: float | None = None
     is_main_process: bool = True

@@ -157,7 +157,8 @@ class ModelCheckpoint(Callback):
     Args:
         path: The file; may name log values and the 1-based epoch, e.g.
             ``"checkpoints/epoch{epoch:02d}-{val_loss:.3f}.pt"``.
-        monitor: The log key that decides which epoch is best.
+        monitor: The log key that decides which epoch is best; None saves every eligible epoch
+            (no best is tracked, so ``save_best_only`` needs a monitor).
         mode: ``"auto"``, ``"min"`` or ``"max"``.
         save_best_only: Save only when ``monitor`` improves (otherwise every eligible epoch).
         every_n_epochs: Consider every n-th epoch only.
@@ -173,24 +174,35 @@ class ModelCheckpoint(Callback):
     def __init__(
         self,
         path: str | Path,
-        monitor: str = "val_loss",
+        monitor: str | None = "val_loss",
         mode: Mode = "auto",
         save_best_only: bool = False,
         every_n_epochs: int = 1,
     ) -> None:
         check_count("every_n_epochs", every_n_epochs)
+        if monitor is None and save_best_only:
+            raise config_error(
+                "save_best_only needs a value to decide which epoch is best.",
+                "monitor=None, save_best_only=True",
+                "pass monitor='val_loss' (or another logged value), or save_best_only=False to save every epoch.",
+            )
         self.path = str(path)
         self.monitor = monitor
-        self.tracker = Monitor(monitor, mode)
+        self.tracker = None if monitor is None else Monitor(monitor, mode)
         self.save_best_only = save_best_only
         self.every_n_epochs = every_n_epochs
         self.best_path: Path | None = None
         self.last_path: Path | None = None
 
+    def on_fit_start(self, run: Run) -> None:
+        if self.tracker is not None:
+            self.tracker.reset()
+        self.best_path = self.last_path = None
+
     def on_epoch_end(self, run: Run) -> None:
         if (run.epoch + 1) % self.every_n_epochs:
             return
-        improved = self.tracker.improved(self.tracker.value(run))
+        improved = self.tracker is not None and self.tracker.improved(self.tracker.value(run))
         if self.save_best_only and not improved:
             return
         try:
@@ -209,9 +221,11 @@ class ModelCheckpoint(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """Best value and file so far."""
-        return {"monitor": self.tracker.state_dict(), "best_path": str(self.best_path) if self.best_path else None}
+        monitor = None if self.tracker is None else self.tracker.state_dict()
+        return {"monitor": monitor, "best_path": str(self.best_path) if self.best_path else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict``."""
-        self.tracker.load_state_dict(state["monitor"])
+        if self.tracker is not None and state["monitor"] is not None:
+            self.tracker.load_state_dict(state["monitor"])
         self.best_path = Path(state["best_path"]) if state["best_path"] else None

@@ -1,0 +1,108 @@
+"""Loggers: ``CSVLogger`` and ``TensorBoard``, which write each epoch's values to files.
+
+Owns: those files (written by the main process only). Must not change training.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import IO, Any
+
+from trainwell.callbacks import Callback
+from trainwell.errors import config_error
+from trainwell.run import Run
+
+
+class CSVLogger(Callback):
+    """Writes one row per epoch (``epoch`` 1-based, then every log key) to a CSV file.
+
+    Rows are flushed each epoch, so the file is useful while training runs. Only the main
+    process writes.
+
+    Args:
+        path: The CSV file.
+        append: Add to an existing file (its header is kept) instead of replacing it.
+    """
+
+    def __init__(self, path: str | Path, append: bool = False) -> None:
+        self.path = Path(path)
+        self.append = append
+        self.file: IO[str] | None = None
+        self.writer: Any = None
+        self.columns: list[str] = []
+
+    def on_fit_start(self, run: Run) -> None:
+        if not run.is_main_process:
+            return
+        exists = self.append and self.path.is_file() and self.path.stat().st_size > 0
+        if exists:
+            with self.path.open(newline="") as file:
+                self.columns = next(csv.reader(file))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = self.path.open("a" if exists else "w", newline="")
+        self.writer = csv.writer(self.file)
+
+    def on_epoch_end(self, run: Run) -> None:
+        if self.file is None:
+            return
+        if not self.columns:
+            self.columns = ["epoch", *run.logs]
+            self.writer.writerow(self.columns)
+        values = {"epoch": run.epoch + 1, **run.logs}
+        self.writer.writerow([repr(values[column]) if column in values else "" for column in self.columns])
+        self.file.flush()
+
+    def on_fit_end(self, run: Run) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class TensorBoard(Callback):
+    """Writes every epoch value (and, when asked, the loss every N steps) as TensorBoard scalars.
+
+    Needs the ``tensorboard`` package (``pip install 'trainwell[tensorboard]'``).
+
+    Args:
+        log_dir: The event-file folder.
+        every_n_steps: Also log the batch loss as ``batch/loss`` every N optimizer steps; each
+            such read is one host synchronisation.
+    """
+
+    def __init__(self, log_dir: str | Path, every_n_steps: int | None = None) -> None:
+        self.log_dir = Path(log_dir)
+        self.every_n_steps = every_n_steps
+        self.writer: Any = None
+        if every_n_steps is not None:
+            self.on_train_batch_end = self._log_step  # type: ignore[method-assign]
+
+    def on_fit_start(self, run: Run) -> None:
+        if not run.is_main_process:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise config_error(
+                "The TensorBoard callback needs the tensorboard package.",
+                "import tensorboard failed",
+                "pip install 'trainwell[tensorboard]' (or pip install tensorboard).",
+            ) from None
+        self.writer = SummaryWriter(str(self.log_dir))
+
+    def _log_step(self, run: Run) -> None:
+        assert self.every_n_steps is not None
+        at_step = run.window_batches == 0  # with gradient accumulation, only once a window is stepped
+        if self.writer is not None and run.loss is not None and at_step and run.global_step % self.every_n_steps == 0:
+            self.writer.add_scalar("batch/loss", run.loss.item(), run.global_step)
+
+    def on_epoch_end(self, run: Run) -> None:
+        if self.writer is not None:
+            for key, value in run.logs.items():
+                self.writer.add_scalar(key, value, run.epoch + 1)
+            self.writer.flush()
+
+    def on_fit_end(self, run: Run) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
