@@ -171,3 +171,88 @@ def test_the_command_line_tool_under_torchrun(tmp_path: Path) -> None:
     (run,) = (tmp_path / "runs").iterdir()  # one folder, named alike by both ranks, no leftovers
     assert {path.name for path in run.iterdir()} >= {"history.csv", "metrics.json", "curves.png", "model.pt"}
     assert len((run / "history.csv").read_text().splitlines()) == 4
+
+
+SEAMS = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+    import trainwell as tw
+
+    out = sys.argv[1]
+    rank = int(os.environ.get("RANK", "0"))
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    results = {}
+
+    class Pairs(Dataset):
+        def __init__(self, inputs, targets):
+            self.inputs, self.targets = inputs, targets
+        def __len__(self):
+            return len(self.inputs)
+        def __getitem__(self, index):
+            return self.inputs[index], self.targets[index]
+
+    class Count(tw.Callback):
+        def on_fit_start(self, run):
+            self.planned, self.seen = run.train_batches.num_batches, 0
+        def on_train_batch_start(self, run):
+            self.seen += 1
+
+    def data(samples):
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(samples, 6, generator=generator)
+        return x, (x[:, :2].sum(1) > 0).long()
+
+    # 1. accumulation with a ragged last window: 99 samples, 8 per process and step, 2 steps a window
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
+    tw.fit(model, data(99), loss="cross_entropy", optimizer="sgd", lr=0.1, epochs=2, batch_size=16 // processes,
+           grad_accum_steps=2, seed=0, progress=False)
+    results["accumulated"] = {key: value.tolist() for key, value in model.state_dict().items()}
+
+    # 2. step counts and BatchNorm with ragged tails, from tensors and from a Dataset
+    for samples in (65, 67):
+        for norm in (False, True):
+            for kind in ("tensors", "dataset"):
+                torch.manual_seed(0)
+                layers = [nn.Linear(6, 8)] + ([nn.BatchNorm1d(8)] if norm else []) + [nn.ReLU(), nn.Linear(8, 2)]
+                x, y = data(samples)
+                count = Count()
+                train = (x, y) if kind == "tensors" else Pairs(x, y)
+                tw.fit(nn.Sequential(*layers), train, loss="cross_entropy", batch_size=64 // processes, epochs=1,
+                       scheduler="onecycle", seed=0, callbacks=[count], progress=False)
+                results[f"{samples}-{norm}-{kind}"] = [count.planned, count.seen]
+    with open(os.path.join(out, f"seams-{rank}.json"), "w") as file:
+        json.dump(results, file)
+    """
+)
+
+
+def test_accumulation_tails_and_batch_norm_under_torchrun(tmp_path: Path) -> None:
+    script = tmp_path / "seams.py"
+    script.write_text(SEAMS)
+    environment = os.environ | {"OMP_NUM_THREADS": "1"}
+    for processes, folder in ((1, tmp_path / "one"), (2, tmp_path / "two")):
+        folder.mkdir()
+        command = [sys.executable] if processes == 1 else [TORCHRUN, "--standalone", "--nproc_per_node=2"]
+        result = subprocess.run([*command, str(script), str(folder)], capture_output=True, text=True, timeout=300,
+                                env=environment, check=False)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    alone = json.loads((tmp_path / "one" / "seams-0.json").read_text())
+    first, second = (json.loads((tmp_path / "two" / f"seams-{rank}.json").read_text()) for rank in (0, 1))
+    # Every rank ends with bitwise the same weights, and (float rounding only: 1e-5) those of one
+    # process taking the global batch of 16 with the same accumulation.
+    for key, value in alone["accumulated"].items():
+        assert first["accumulated"][key] == second["accumulated"][key], key
+        assert torch.allclose(torch.tensor(first["accumulated"][key]), torch.tensor(value), atol=1e-5), key
+    # The plan's count is the steps each rank runs (schedules and the bar use it). 2 ranks x 32:
+    # 65 samples = 2 steps (the second: one sample on rank 0, a placeholder on rank 1); with
+    # BatchNorm a tail that would leave a rank one sample is left out: 1 step for 65 and 67.
+    expected = {(65, False): 2, (67, False): 2, (65, True): 1, (67, True): 1}
+    for (samples, norm), steps in expected.items():
+        for kind in ("tensors", "dataset"):
+            key = f"{samples}-{norm}-{kind}"
+            assert first[key] == second[key] == [steps, steps], key
+            assert alone[key][0] == alone[key][1], key  # one process: planned == run, too

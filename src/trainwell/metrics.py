@@ -491,7 +491,7 @@ class Tally:
             logs[name] = total / counted[0] if counted[0] else math.nan
         results = {
             metric.name: metric.finalize(total, count)
-            for metric, total, count in zip(self.builtin, totals[1:], counted[1:], strict=True)
+            for metric, total, count in zip(self.builtin, totals[1 : 1 + len(self.builtin)], counted[1:], strict=True)
         }
         for external in self.external:
             results[metric_name(external)] = float(external.compute())
