@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_iris
 
+pytestmark = pytest.mark.slow  # real subprocesses: `pytest -m "not slow"` leaves them out
+
 COMMAND = str(Path(sys.executable).parent / "trainwell")
 
 

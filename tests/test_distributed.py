@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # real subprocesses: `pytest -m "not slow"` leaves them out
+
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 SCRIPT = textwrap.dedent(

@@ -28,6 +28,8 @@ from trainwell.checkpoints import MANIFEST
 
 from conftest import blobs, make_mlp
 
+pytestmark = pytest.mark.slow  # real subprocesses: `pytest -m "not slow"` leaves them out
+
 SCRIPT = textwrap.dedent(
     """
     import json, os, signal, sys, time

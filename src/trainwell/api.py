@@ -664,10 +664,8 @@ def _resolve_metrics(metrics: Sequence[MetricArg], spec: LossSpec | None) -> lis
     threshold = 0.5
     if spec is not None:
         threshold = binary_threshold(spec)
-        if spec.targets == "classes":
-            mode = "multiclass"
-        elif spec.name in ("bce", "bce_with_logits"):
-            mode = "binary"
+        if spec.task in ("multiclass", "binary"):
+            mode = spec.task
     resolved = [resolve_metric(metric, threshold=threshold, mode=mode) for metric in metrics]
     names = [metric_name(metric) for metric in resolved]
     duplicates = sorted({name for name in names if names.count(name) > 1})

@@ -198,7 +198,7 @@ def _repair_targets(
         fixes = _class_target_fixes(outputs, targets)
     elif spec.targets == "same_shape":
         fixes = _value_target_fixes(outputs, targets)
-        if spec.name in ("bce", "bce_with_logits"):
+        if spec.task == "binary":
             _check_binary_targets(targets if memory is None or memory.targets is None else memory.targets)
     if not fixes:
         return sample
@@ -280,12 +280,17 @@ def _check_loss_value(spec: LossSpec, outputs: torch.Tensor, sample: Batch, role
 
 def _warn_about_activations(model: nn.Module, spec: LossSpec, outputs: torch.Tensor, diagnosis: Diagnosis) -> None:
     last = [module for module in model.modules() if not any(module.children())][-1:]
-    if spec.name == "cross_entropy" and last and isinstance(last[0], (nn.Softmax, nn.LogSoftmax)):
+    if (
+        spec.outputs == "logits"
+        and spec.task == "multiclass"
+        and last
+        and isinstance(last[0], (nn.Softmax, nn.LogSoftmax))
+    ):
         diagnosis.notes.append(
             f"The model ends with {type(last[0]).__name__}, but cross_entropy expects raw logits (it applies "
             "log-softmax itself): remove the last layer, or use loss='nll' after LogSoftmax."
         )
-    if spec.name == "nll" and outputs.dim() >= 2 and outputs.shape[1] > 1:
+    if spec.outputs == "log_probabilities" and outputs.dim() >= 2 and outputs.shape[1] > 1:
         total = outputs.float().exp().sum(1)
         if bool((outputs > 1e-4).any()) or not torch.allclose(total, torch.ones_like(total), atol=1e-3):
             diagnosis.notes.append(
@@ -308,7 +313,7 @@ def _check_accuracy(
 ) -> None:
     continuous = targets.is_floating_point() and not bool((targets == targets.round()).all())
     regression = spec is not None and spec.outputs == "values"
-    binary_probabilities = spec is not None and spec.name in ("bce", "bce_with_logits")
+    binary_probabilities = spec is not None and spec.task == "binary"
     if continuous and (regression or not binary_probabilities):
         raise data_error(
             f"{metric.name} needs class targets, but the targets are continuous values (a regression task).",

@@ -20,6 +20,7 @@ LossFn = Callable[..., torch.Tensor]
 WeightedLossFn = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
 OutputKind = Literal["logits", "probabilities", "log_probabilities", "values", "unknown"]
 TargetKind = Literal["classes", "same_shape", "unknown"]
+Task = Literal["multiclass", "binary", "regression", "unknown"]
 
 
 @dataclass(frozen=True)
@@ -32,22 +33,27 @@ class LossSpec:
         outputs: What the model's outputs must be (logits, probabilities, ...).
         targets: ``"classes"`` (class indices or per-class probabilities), ``"same_shape"``
             (targets shaped exactly like the outputs) or ``"unknown"`` for custom losses.
+        task: What the loss trains: ``"multiclass"``, ``"binary"`` (one or more yes/no outputs),
+            ``"regression"``, or ``"unknown"`` for custom losses. Metrics and checks follow it.
     """
 
     name: str
     fn: LossFn
     outputs: OutputKind
     targets: TargetKind
+    task: Task
 
 
 LOSSES: dict[str, LossSpec] = {
-    "mse": LossSpec("mse", functional.mse_loss, "values", "same_shape"),
-    "l1": LossSpec("l1", functional.l1_loss, "values", "same_shape"),
-    "huber": LossSpec("huber", functional.huber_loss, "values", "same_shape"),
-    "cross_entropy": LossSpec("cross_entropy", functional.cross_entropy, "logits", "classes"),
-    "nll": LossSpec("nll", functional.nll_loss, "log_probabilities", "classes"),
-    "bce": LossSpec("bce", functional.binary_cross_entropy, "probabilities", "same_shape"),
-    "bce_with_logits": LossSpec("bce_with_logits", functional.binary_cross_entropy_with_logits, "logits", "same_shape"),
+    "mse": LossSpec("mse", functional.mse_loss, "values", "same_shape", "regression"),
+    "l1": LossSpec("l1", functional.l1_loss, "values", "same_shape", "regression"),
+    "huber": LossSpec("huber", functional.huber_loss, "values", "same_shape", "regression"),
+    "cross_entropy": LossSpec("cross_entropy", functional.cross_entropy, "logits", "classes", "multiclass"),
+    "nll": LossSpec("nll", functional.nll_loss, "log_probabilities", "classes", "multiclass"),
+    "bce": LossSpec("bce", functional.binary_cross_entropy, "probabilities", "same_shape", "binary"),
+    "bce_with_logits": LossSpec(
+        "bce_with_logits", functional.binary_cross_entropy_with_logits, "logits", "same_shape", "binary"
+    ),
 }
 
 # torch's loss modules map onto the registry so that an ``nn.MSELoss()`` gets the same checks.
@@ -91,12 +97,9 @@ def resolve_loss(loss: str | LossFn) -> LossSpec:
     known = _MODULE_NAMES.get(type(loss)) if isinstance(loss, nn.Module) else None
     if known is not None:
         base = LOSSES[known]
-        return LossSpec(base.name, loss, base.outputs, base.targets)
+        return LossSpec(base.name, loss, base.outputs, base.targets, base.task)
     name = getattr(loss, "__name__", type(loss).__name__)
-    return LossSpec(name, loss, "unknown", "unknown")
-
-
-CLASS_WEIGHTED = ("cross_entropy", "nll", "bce", "bce_with_logits")
+    return LossSpec(name, loss, "unknown", "unknown", "unknown")
 
 
 def with_class_weight(spec: LossSpec, class_weight: torch.Tensor) -> LossSpec:
@@ -108,11 +111,12 @@ def with_class_weight(spec: LossSpec, class_weight: torch.Tensor) -> LossSpec:
     Raises:
         ConfigError: A loss that has no classes.
     """
-    if spec.name not in CLASS_WEIGHTED or spec.targets == "unknown":
+    if spec.task not in ("multiclass", "binary"):
+        classifiers = [name for name, known in LOSSES.items() if known.task in ("multiclass", "binary")]
         raise config_error(
             "class_weight applies to classification losses.",
             f"loss={spec.name!r}",
-            f"use one of {', '.join(CLASS_WEIGHTED)}, or weight samples with a third data element (x, y, w).",
+            f"use one of {', '.join(classifiers)}, or weight samples with a third data element (x, y, w).",
         )
     base = spec.fn
     if spec.targets == "classes":
@@ -125,7 +129,7 @@ def with_class_weight(spec: LossSpec, class_weight: torch.Tensor) -> LossSpec:
         def weighted(outputs: torch.Tensor, targets: torch.Tensor, **options: Any) -> torch.Tensor:
             return base(outputs, targets, weight=class_weight[(targets > 0.5).long()], **options)
 
-    return LossSpec(spec.name, weighted, spec.outputs, spec.targets)
+    return LossSpec(spec.name, weighted, spec.outputs, spec.targets, spec.task)
 
 
 def sample_weighted(spec: LossSpec) -> WeightedLossFn:
