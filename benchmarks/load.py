@@ -1,14 +1,16 @@
 """What else the machine is doing: CPU time used by other processes while a measurement runs.
 
 Owns: reading /proc/stat, the "foreign load" of a timed region (the machine's busy CPU time
-minus this process's own, as a fraction of all cores), and waiting for a quiet moment before a
-measurement starts. On a shared 2-core machine one busy neighbour can slow a 2-thread torch
-process many times over, so every measurement records how disturbed it was.
+minus this process's own and its child processes', such as DataLoader workers, as a fraction of
+all cores), and waiting for a quiet moment before a measurement starts. On a shared 2-core
+machine one busy neighbour can slow a 2-thread torch process many times over, so every
+measurement records how disturbed it was.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 DISTURBED = 0.10  # foreign load above which a measurement counts as disturbed
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _STAT = Path("/proc/stat")
+_PROC = Path("/proc")
 
 
 def _busy_and_total() -> tuple[float, float] | None:
@@ -26,6 +29,26 @@ def _busy_and_total() -> tuple[float, float] | None:
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return (sum(fields) - idle) / _TICKS, sum(fields) / _TICKS
+
+
+def _live_children_cpu(parent: int) -> float:
+    """CPU seconds used so far by the live (or not yet reaped) child processes of ``parent``."""
+    seconds = 0
+    for stat in _PROC.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)", which may hold spaces
+        except (OSError, IndexError):
+            continue  # the process ended meanwhile
+        if int(fields[1]) == parent:  # fields: state, ppid, ... utime (11), stime (12)
+            seconds += int(fields[11]) + int(fields[12])
+    return seconds / _TICKS
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds used by this process and its children: its own, the children it has reaped,
+    and the live ones (DataLoader workers are processes, and their work is part of the run)."""
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + reaped.ru_utime + reaped.ru_stime + _live_children_cpu(os.getpid())
 
 
 @dataclass
@@ -41,16 +64,17 @@ class LoadWatch:
         reading = _busy_and_total()
         self.available = reading is not None
         self.busy, self.total = reading or (0.0, 0.0)
-        self.own = time.process_time()
+        self.own = own_cpu_seconds()
         return self
 
     def foreign_load(self) -> float:
-        """Other processes' CPU time since ``start``, as a fraction of all cores (NaN if unknown)."""
+        """Other processes' CPU time since ``start`` (this process's children excepted), as a
+        fraction of all cores (NaN if unknown)."""
         reading = _busy_and_total()
         if not self.available or reading is None or reading[1] <= self.total:
             return float("nan")
         busy, total = reading[0] - self.busy, reading[1] - self.total
-        return max(0.0, busy - (time.process_time() - self.own)) / total
+        return max(0.0, busy - (own_cpu_seconds() - self.own)) / total
 
 
 def machine_load(window: float) -> float:

@@ -36,7 +36,9 @@ Run it with `.venv/bin/python benchmarks/run.py` (or `make bench`); `--quick` is
   (c) a small CNN (conv32-conv64-pool-fc128) on 1x28x28 inputs, batch 64, on 10,000 samples only
   (it is slow on a small CPU); (d) as (a), but the data is a user's `DataLoader(custom Dataset,
   batch_size=128, shuffle=True)` that every contender iterates; (e) `evaluate` and `predict`
-  over 60,000 samples with the (a) model.
+  over 60,000 samples with the (a) model; (f) the (c) CNN on 6,000 samples read through a user's
+  `DataLoader(custom Dataset with a random flip, batch_size=64, shuffle=True, num_workers=2,
+  persistent_workers=True)`, every contender given the loader with its workers already started.
 - Contenders: `tutorial` (DataLoader over a TensorDataset, `.item()` on the loss and the correct
   count every step), `best_hand` (in-memory tensors, `randperm` + `index_select`, sums kept on the
   device, one host sync per epoch, `zero_grad(set_to_none=True)`), `trainwell` (`fit(...,

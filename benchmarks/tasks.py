@@ -27,7 +27,8 @@ class TrainTask:
         inputs, targets: The in-memory data.
         batch_size: Samples per batch.
         architecture: Which model this is (for frameworks that build their own).
-        loader: For workload (d), the user's DataLoader, which every contender iterates.
+        loader: For workloads (d) and (f), the user's DataLoader, which every contender is given
+            (for (f) with its persistent workers already started).
     """
 
     model: nn.Module
@@ -38,7 +39,7 @@ class TrainTask:
     loader: DataLoader[tuple[torch.Tensor, ...]] | None = None
 
     def dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
-        """The user's DataLoader for workload (d), else the tutorial's: a shuffled TensorDataset."""
+        """The user's DataLoader for workloads (d) and (f), else the tutorial's: a shuffled TensorDataset."""
         if self.loader is not None:
             return self.loader
         return DataLoader(TensorDataset(self.inputs, self.targets), batch_size=self.batch_size, shuffle=True)

@@ -3,12 +3,17 @@
 Owns: the timed region and what a worker reports (one ``BENCH_RESULT {json}`` line on stdout).
 The data and model are built before the clock starts; the warm-up runs the same contender on a
 few batches of the same model, so one-time costs (lazy imports, allocator growth) stay out.
+For workload (f) every contender gets the user's DataLoader before its persistent workers have
+started: the hand loop starts them when it first iterates the loader, trainwell when it first
+iterates the loader it builds on ``loader.dataset``; each pays one start-up in the timed epoch,
+as in any run (later epochs reuse the workers on both sides).
 """
 
 from __future__ import annotations
 
 import contextlib
 import cProfile
+import gc
 import json
 import pstats
 import resource
@@ -25,7 +30,7 @@ from frameworks import FRAMEWORK_TRAINERS
 from load import LoadWatch
 from tasks import RESULT_PREFIX, InferenceTask, Outcome, TrainTask
 from terminal import SinkReport, terminal_stdout
-from workloads import WORKLOADS, Workload, build_model, make_data, make_loader
+from workloads import WORKLOADS, Workload, build_model, make_data, workload_loader
 
 WARMUP_BATCHES = 5
 INFERENCE_REPEATS = 5
@@ -96,18 +101,24 @@ def _train(
     trainer = TRAINERS.get(contender) or FRAMEWORK_TRAINERS[contender]
     model = build_model(workload.architecture)
     warm = workload.batch_size * WARMUP_BATCHES
-    loader = make_loader(inputs, targets, workload.batch_size) if workload.kind == "loader" else None
-    warm_loader = make_loader(inputs[:warm], targets[:warm], workload.batch_size) if loader is not None else None
     size, architecture = workload.batch_size, workload.architecture
+    warm_loader = workload_loader(workload, inputs[:warm], targets[:warm])
     warm_task = TrainTask(model, inputs[:warm], targets[:warm], size, architecture, warm_loader)
-    task = TrainTask(model, inputs, targets, size, architecture, loader)
+    del warm_loader  # held by warm_task only, so that dropping warm_task stops its workers
+    task = TrainTask(model, inputs, targets, size, architecture, workload_loader(workload, inputs, targets))
     sink = SinkReport()
     shows_display = contender in WITH_DISPLAY or contender in FRAMEWORK_TRAINERS
     with terminal_stdout(sink) if shows_display else contextlib.nullcontext():
         trainer(warm_task)
+        del warm_task  # its loader's workers stop with it
+        gc.collect()
         watch = LoadWatch().start()
         fit = _timed(trainer, task, profiler)
-    return {"fit": fit | {"foreign_load": watch.foreign_load()}}, sink
+        foreign_load = watch.foreign_load()
+        # (f): stop the persistent workers before the pseudo-terminal closes: forked while it was
+        # open, they hold it open too, and its reader would wait for them until its timeout.
+        del task
+    return {"fit": fit | {"foreign_load": foreign_load}}, sink
 
 
 def _score(

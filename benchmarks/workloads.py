@@ -1,4 +1,5 @@
-"""The benchmark's workloads: synthetic MNIST-shaped data, the models, and workload (d)'s DataLoader.
+"""The benchmark's workloads: synthetic MNIST-shaped data, the models, and the users' DataLoaders of
+workloads (d) and (f).
 
 Owns: what each workload trains or scores, on how many samples, in which batches, and the data
 every contender receives. Must not time anything or know the contenders.
@@ -22,9 +23,11 @@ DATA_SEED = 0
 MODEL_SEED = 1
 _CHUNK = 1_000
 TEMPLATE_WEIGHT = 0.3
+LOADER_WORKERS = 2  # workload (f)'s DataLoader(num_workers=...)
+FLIP_PROBABILITY = 0.5
 
 Architecture = Literal["mlp_small", "mlp_large", "cnn"]
-Kind = Literal["train", "loader", "inference"]
+Kind = Literal["train", "loader", "workers", "inference"]
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,9 @@ class Workload:
         key: The letter used on the command line (``--workloads a,b``).
         title: What is trained, for the table.
         architecture: Which model ``build_model`` makes.
-        kind: ``train`` (in-memory tensors), ``loader`` (a user's DataLoader) or ``inference``
-            (evaluate and predict).
+        kind: ``train`` (in-memory tensors), ``loader`` (a user's DataLoader), ``workers`` (a
+            user's DataLoader with persistent worker processes and a random augmentation) or
+            ``inference`` (evaluate and predict).
         batch_size: Training batch size; for ``inference``, the hand-written loop's large batch.
         samples: Samples in a full run; quick_samples: in a ``--quick`` run.
     """
@@ -60,6 +64,15 @@ WORKLOADS: dict[str, Workload] = {
             "d", "MLP 784-64-10 from a user DataLoader(custom Dataset)", "mlp_small", "loader", 128, 60_000, 8_000
         ),
         Workload("e", "evaluate/predict, MLP 784-64-10", "mlp_small", "inference", 1024, 60_000, 8_000),
+        Workload(
+            "f",
+            f"CNN from a user DataLoader(custom Dataset with a random flip, {LOADER_WORKERS} persistent workers)",
+            "cnn",
+            "workers",
+            64,
+            6_000,
+            1_000,
+        ),
     )
 }
 
@@ -131,6 +144,43 @@ class SampleDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return self.inputs[index], self.targets[index]
 
 
-def make_loader(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> DataLoader[tuple[torch.Tensor, ...]]:
+class FlippedSampleDataset(SampleDataset):
+    """Workload (f)'s Dataset: as ``SampleDataset``, with a random horizontal flip per sample drawn
+    from torch's global generator, as ``torchvision.transforms.RandomHorizontalFlip`` does. In a
+    DataLoader worker that is the worker's own generator (seeded by the DataLoader), so the
+    per-worker random state matters."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.inputs[index]
+        if torch.rand(1) < FLIP_PROBABILITY:
+            image = image.flip(-1)
+        return image, self.targets[index]
+
+
+Loader = DataLoader[tuple[torch.Tensor, ...]]
+
+
+def make_loader(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> Loader:
     """Workload (d)'s data: ``DataLoader(SampleDataset(...), batch_size=batch_size, shuffle=True)``."""
     return DataLoader(SampleDataset(inputs, targets), batch_size=batch_size, shuffle=True)
+
+
+def make_worker_loader(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> Loader:
+    """Workload (f)'s data: ``DataLoader(FlippedSampleDataset(...), batch_size=batch_size,
+    shuffle=True, num_workers=LOADER_WORKERS, persistent_workers=True)``."""
+    return DataLoader(
+        FlippedSampleDataset(inputs, targets),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=LOADER_WORKERS,
+        persistent_workers=True,
+    )
+
+
+def workload_loader(workload: Workload, inputs: torch.Tensor, targets: torch.Tensor) -> Loader | None:
+    """The user's DataLoader of a ``loader`` or ``workers`` workload over these samples; else None."""
+    if workload.kind == "loader":
+        return make_loader(inputs, targets, workload.batch_size)
+    if workload.kind == "workers":
+        return make_worker_loader(inputs, targets, workload.batch_size)
+    return None
