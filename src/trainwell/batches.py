@@ -245,10 +245,10 @@ class TensorBatches(_Planned):
         self._keep_on_device()
         where = self.device if self.on_device else torch.device("cpu")  # where the steps slice the order
         order = epoch_order(len(self.data), self.seed, epoch).to(where) if self.shuffle else None
-        for step in self.plan.steps(skip):
-            rows = step.positions if order is None else order[step.positions]
-            batch = self.data.take(rows)
-            yield to_device(batch._replace(size=step.size, global_size=step.global_size), self.device)
+        on_cpu = self.device.type == "cpu"
+        for positions, size, global_size in self.plan.steps(skip):
+            batch = self.data.take(positions if order is None else order[positions], size, global_size)
+            yield batch if on_cpu else to_device(batch, self.device)
 
     def sample(self, count: int) -> Batch:
         return to_device(self.data.take(slice(0, count)), self.device)

@@ -63,17 +63,19 @@ class InMemory:
         """The in-memory data of one (whole-data) batch."""
         return cls(batch.inputs, batch.targets, batch.weights)
 
-    def take(self, index: torch.Tensor | slice) -> Batch:
-        """Rows ``index`` as a batch (an index tensor gathers, a slice views)."""
+    def take(self, index: torch.Tensor | slice, size: int | None = None, global_size: int | None = None) -> Batch:
+        """Rows ``index`` as a batch (an index tensor gathers, a slice views); ``size`` and
+        ``global_size`` default to the number of rows."""
         if isinstance(self.inputs, torch.Tensor):  # the common case, once per step: no generic walk
             inputs: Any = _rows(self.inputs, index)
-            size = inputs.shape[0]
+            rows = inputs.shape[0]
         else:
             inputs = map_tensors(self.inputs, lambda tensor: _rows(tensor, index))
-            size = _length(inputs)
+            rows = _length(inputs)
         targets = None if self.targets is None else _rows(self.targets, index)
         weights = None if self.weights is None else _rows(self.weights, index)
-        return Batch(inputs, targets, size, weights, size)
+        size = rows if size is None else size
+        return Batch(inputs, targets, size, weights, size if global_size is None else global_size)
 
     def nbytes(self) -> int:
         """The memory its tensors take."""

@@ -84,7 +84,8 @@ def train_epoch(run: Run) -> None:
         run.window_samples += batch.global_size
         run.ends_window = run.window_batches == run.grad_accum_steps or run.batches_done + 1 == last
         run.loss = None  # set by the step once the batch's loss is known
-        _account(run, batch, as_step_result(run.step(run, batch)))
+        result = run.step(run, batch)
+        _account(run, batch, result if type(result) is StepResult else as_step_result(result))
         run.batches_done += 1
         if run.ends_window:
             _close_window(run)
@@ -148,10 +149,12 @@ def train_step(run: Run, batch: Batch) -> StepResult:
     if run.grad_accum_steps == 1:
         weight /= batch.global_size  # the window is this batch: divide now, not in optimizer_step
     scaled = run.precision.scaler.scale(loss if weight == 1 else loss * weight)
-    with contextlib.nullcontext() if run.ends_window else distributed.deferred_sync(run.model):
-        scaled.backward()  # type: ignore[no-untyped-call]
     if run.ends_window:
+        scaled.backward()  # type: ignore[no-untyped-call]
         optimizer_step(run)
+    else:
+        with distributed.deferred_sync(run.model):
+            scaled.backward()  # type: ignore[no-untyped-call]
     return StepResult(loss, outputs)
 
 

@@ -435,7 +435,7 @@ class Tally:
         self.samples += size
         if loss is not None:
             self.loss_total.add_(loss.detach(), alpha=size)
-        for name, value in (named or {}).items():
+        for name, value in named.items() if named else ():
             if name not in self.named:
                 self.named[name] = torch.zeros_like(self.loss_total)
             self.named[name].add_(value.detach().reshape(()), alpha=size)
