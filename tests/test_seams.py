@@ -331,3 +331,50 @@ def test_a_one_cycle_scheduler_object_steps_per_batch_and_reaches_its_peak() -> 
            batch_size=32, callbacks=[Rates()], progress=False)  # fmt: skip
     assert len(rates) == epochs * steps and max(rates) == pytest.approx(1e-2, rel=0.02)
     assert rates[-1] < 1e-4
+
+
+def test_plans_the_model_cannot_train_on_are_refused_before_training(tmp_path: Path) -> None:
+    norm = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    x, y = blobs(samples=40)
+    with pytest.raises(tw.DataError, match="batches of one sample"):
+        tw.fit(norm, (x, y), loss="cross_entropy", batch_size=1, progress=False)
+    with pytest.raises(tw.DataError, match="no batch to train on"):
+        tw.fit(norm, (x[:1], y[:1]), loss="cross_entropy", progress=False)
+
+
+def test_custom_step_options_that_cannot_work_are_refused(tmp_path: Path) -> None:
+    def step(run: tw.Run, batch: Any) -> torch.Tensor:
+        return torch.ones(1)  # a (1,)-shaped loss is read as one number
+
+    assert tw.fit(make_mlp(), blobs(), step=step, progress=False)["loss"] == [1.0]
+    with pytest.raises(tw.ConfigError, match="cannot accumulate"):
+        tw.fit(make_mlp(), blobs(), step=step, grad_accum_steps=2, progress=False)
+    folder = tmp_path / "untouched"
+    for options in ({"scheduler": 42}, {"resume": 1}, {"callbacks": [tw.EarlyStopping(monitor="val_loss")]}):
+        with pytest.raises(tw.ConfigError):
+            tw.fit(make_mlp(), blobs(), loss="cross_entropy", checkpoint_dir=folder, progress=False, **options)
+    assert not folder.exists()
+    with pytest.raises(tw.DataError, match="no batches"):
+        tw.predict(nn.Identity(), iter([]))
+
+
+class Random(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.rand(1), torch.tensor(index)
+
+
+def test_worker_seeds_differ_between_ranks_and_repeat_on_resume() -> None:
+    from trainwell.batches import DatasetBatches
+
+    def draws(rank: int, skip: int = 0) -> list[float]:
+        batches = DatasetBatches(Random(), batch_size=4, shuffle=True, seed=3, device=torch.device("cpu"),
+                                 loader_options={"num_workers": 1})  # fmt: skip
+        batches.lay_out(Layout(rank, 2))
+        return [value for batch in batches.for_epoch(0, skip=skip) for value in batch.inputs.flatten().tolist()]
+
+    first, second = draws(0), draws(1)
+    assert len(set(first) | set(second)) == 16  # no two samples share their random draw
+    assert draws(1, skip=1) == second[4:]  # a resumed epoch draws the same augmentation

@@ -29,8 +29,16 @@ from trainwell.checkpoints import (
     restore,
 )
 from trainwell.data import split_validation
-from trainwell.doctor import examine, explain_non_finite, left_out_note
-from trainwell.errors import DataError, TrainwellWarning, check_count, config_error, describe, unknown_name_error
+from trainwell.doctor import check_plan, examine, explain_non_finite, left_out_note
+from trainwell.errors import (
+    DataError,
+    TrainwellWarning,
+    check_count,
+    config_error,
+    data_error,
+    describe,
+    unknown_name_error,
+)
 from trainwell.history import History
 from trainwell.losses import LossFn, LossSpec, binary_threshold, resolve_loss, sample_weighted, with_class_weight
 from trainwell.metrics import AccuracyMode, ExternalMetric, Metric, MetricFn, Tally, metric_name, resolve_metric
@@ -39,7 +47,7 @@ from trainwell.optimizers import OPTIMIZERS, build_optimizer, check_lr, check_st
 from trainwell.precision import PrecisionName, build_precision
 from trainwell.progress import ProgressDisplay, choose_mode
 from trainwell.run import Run, StepFn
-from trainwell.schedules import SCHEDULERS, scheduler_callback
+from trainwell.schedules import LRScheduler, check_scheduler, scheduler_callback
 
 MetricArg = str | MetricFn | Metric | ExternalMetric
 Progress = bool | Literal["auto"]
@@ -89,7 +97,8 @@ def fit(
             them for ``model(*inputs)`` / ``model(**inputs)``), a torch Dataset, a DataLoader, or
             an iterable of ``(inputs, targets)`` batches.
         loss: A name (``mse``, ``l1``, ``huber``, ``cross_entropy``, ``bce``, ``bce_with_logits``,
-            ``nll``) or ``callable(outputs, targets) -> scalar tensor`` (the batch mean).
+            ``nll``) or ``callable(outputs, targets) -> scalar tensor`` (the batch mean). Required
+            unless a custom ``step`` computes its own losses.
         optimizer: A name (``sgd``, ``adam``, ``adamw``, ``rmsprop``) or an optimizer instance,
             used as given.
         lr: Learning rate of a named optimizer (default 0.01 for sgd, 0.001 for the others).
@@ -117,7 +126,8 @@ def fit(
             third data element: ``(x, y, sample_weight)``.
         terminate_on_nan: Stop before a non-finite loss changes the weights. ``"auto"`` checks on
             the CPU, where it is free, not on GPUs, where it would read a value every step.
-        step: A custom training step ``step(run, batch)`` (see ``trainwell.train_step``).
+        step: A custom training step ``step(run, batch)`` that does the whole update and returns
+            its loss, a dict of named losses or a ``StepResult`` (see ``trainwell.train_step``).
         checkpoint_dir: Save the full training state here at the end of every epoch (atomically;
             the last two complete checkpoints are kept). Checked for writing before training.
         checkpoint_every: Also save every this many optimizer steps (mid-epoch).
@@ -188,7 +198,6 @@ def fit(
                   *_display(progress, job)]  # fmt: skip
     train_tally = Tally(train_metrics, has_loss=spec is not None)
     val_tally = Tally(_resolve_metrics(metrics, spec), has_loss=spec is not None, prefix="val_")
-    _check_monitors(everything, train_tally.keys + (val_tally.keys if val_batches is not None else []), step)
     runnable = cast(nn.Module, torch.compile(model)) if compile else model
     run = Run(
         model=runnable if job is None else distributed.wrap(runnable, target),
@@ -266,27 +275,21 @@ class FitOptions:
         _check_model(model)
         self._check_plain_values()
         self._check_validation()
-        if self.step is not None and not callable(self.step):
-            raise config_error(
-                "step must be a function step(run, batch).", describe(self.step), "see trainwell.train_step."
-            )
-        if self.loss is None and self.step is None:
-            raise config_error(
-                "fit needs a loss.",
-                "loss=None",
-                "pass e.g. loss='cross_entropy', or a custom step=... that computes it.",
-            )
+        self._check_step()
         self._check_checkpointing()
         check_lr(self.lr)
         if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
             raise unknown_name_error("optimizer", self.optimizer, OPTIMIZERS)
-        if isinstance(self.scheduler, str) and self.scheduler not in SCHEDULERS:
-            raise unknown_name_error("scheduler", self.scheduler, SCHEDULERS)
+        if self.scheduler is not None:
+            check_scheduler(self.scheduler)
         device = _resolve_device(self.device)
         build_precision(self.precision, device)
         spec = None if self.loss is None else resolve_loss(self.loss)
-        _resolve_metrics(self.metrics, spec)
-        CallbackList(self.callbacks)
+        names = (["loss"] if spec is not None else []) + [metric_name(m) for m in _resolve_metrics(self.metrics, spec)]
+        has_val = self.val is not None or bool(self.val_split)
+        keys = names + [f"val_{name}" for name in names if has_val] + (["lr"] if self.scheduler is not None else [])
+        schedule = [self.scheduler] if isinstance(self.scheduler, LRScheduler) else []
+        _check_monitors([*CallbackList(self.callbacks).callbacks, *schedule], keys, self.step)
         weights = None if self.class_weight is None else _class_weight_tensor(self.class_weight)
         if weights is not None:
             if spec is None:
@@ -330,7 +333,31 @@ class FitOptions:
                 "drop val_split to use the given validation data.",
             )
 
+    def _check_step(self) -> None:
+        if self.step is not None and not callable(self.step):
+            raise config_error(
+                "step must be a function step(run, batch).", describe(self.step), "see trainwell.train_step."
+            )
+        if self.loss is None and self.step is None:
+            raise config_error(
+                "fit needs a loss.",
+                "loss=None",
+                "pass e.g. loss='cross_entropy', or a custom step=... that computes it.",
+            )
+        if self.step is not None and self.grad_accum_steps > 1:
+            raise config_error(
+                "A custom step does its own updates, so fit cannot accumulate its gradients.",
+                f"step={describe(self.step)}, grad_accum_steps={self.grad_accum_steps}",
+                "accumulate inside the step (call optimizer.step() every k batches), or drop grad_accum_steps.",
+            )
+
     def _check_checkpointing(self) -> None:
+        if not isinstance(self.resume, (bool, str, Path)):
+            raise config_error(
+                "resume must be True, False, 'auto' or a checkpoint path.",
+                f"resume={self.resume!r}",
+                "pass resume=True to continue from checkpoint_dir, or resume='auto'.",
+            )
         if self.checkpoint_every is not None:
             check_count("checkpoint_every", self.checkpoint_every)
             if self.checkpoint_dir is None:
@@ -392,7 +419,9 @@ def _prepare(
                         metrics=metrics, run_model=not custom_step)  # fmt: skip
     for repair in diagnosis.repairs:
         train.repair(repair)
-    train.lay_out(Layout(rank, world, lockstep=True, min_batch=smallest_batch(model)))
+    minimum = smallest_batch(model)
+    train.lay_out(Layout(rank, world, lockstep=True, min_batch=minimum))
+    check_plan(train, minimum, world)
     notes, has_weights = diagnosis.notes + left_out_note(train), diagnosis.has_weights
     if val is not None:
         checked = examine(model, spec, val, role="validation data", needs_targets=spec is not None, device=device,
@@ -713,6 +742,8 @@ def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
 
 
 def _concatenate(parts: list[Any]) -> Any:
+    if not parts:
+        raise data_error("predict got no batches.", "data with no samples", "pass at least one sample.")
     first = parts[0]
     if isinstance(first, torch.Tensor):
         return torch.cat(parts).cpu()

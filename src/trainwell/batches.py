@@ -71,8 +71,8 @@ class BatchPlan:
 
     In lockstep, global step k covers positions ``[k*N*B, (k+1)*N*B)`` of the epoch's order (N
     processes, B per process) and rank r takes every N-th of them from r: N processes with batch
-    B see exactly the batches one process with batch N*B would. A ragged last step that would
-    leave a process with fewer than ``min_batch`` (but more than zero) samples is left out.
+    B see exactly the batches one process with batch N*B would. When the model needs
+    ``min_batch`` > 1 samples, a ragged last step that would leave a process fewer is left out.
 
     Example:
         >>> plan = BatchPlan(samples=67, batch_size=32, layout=Layout(rank=1, world_size=2, min_batch=2))
@@ -278,7 +278,7 @@ class DatasetBatches(_Planned):
     """A map-style Dataset read through one DataLoader whose batches come from the plan, in an
     order that is a function of (seed, epoch).
 
-    With worker processes, each batch carries a seed from (seed, epoch, batch): the worker that
+    With worker processes, each batch carries a seed from (seed, epoch, its first position): the worker that
     loads it seeds torch, random and numpy with it first, so random augmentation is the same
     whichever worker loads a batch, and after a mid-epoch resume. In the main process the run's
     own random stream (which checkpoints capture) is left alone.
@@ -319,9 +319,9 @@ class DatasetBatches(_Planned):
         order = epoch_order(self.num_samples, self.seed, epoch) if self.shuffle else torch.arange(self.num_samples)
         steps = list(self.plan.steps(skip))
         keys: list[Any] = [order[step.positions].tolist() for step in steps]
-        if self.seeded:
+        if self.seeded:  # a batch's seed: its first position in the epoch (differs between ranks)
             base = mix_seeds(self.seed, epoch)
-            keys = [(mix_seeds(base, skip + number), indices) for number, indices in enumerate(keys)]
+            keys = [(mix_seeds(base, step.positions.start), part) for step, part in zip(steps, keys, strict=True)]
         self.epoch_batches.batches = keys
         if self.loader is None:
             source = _SeededBatches(self.dataset) if self.seeded else self.dataset

@@ -19,8 +19,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainwell.errors import config_error
-
 
 @dataclass(frozen=True)
 class Distributed:
@@ -105,6 +103,11 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (the model itself otherwise)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The element-wise sum over all processes (gloo reduces on the CPU)."""
     backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
@@ -141,16 +144,6 @@ def interleave(parts: list[torch.Tensor]) -> torch.Tensor:
     for rank, part in enumerate(parts):
         merged[rank :: len(parts)] = part
     return merged
-
-
-def unsupported_loader_error(kind: str) -> Exception:
-    """The message for data that cannot be split between processes."""
-    return config_error(
-        "This data cannot be split between the processes of a torchrun job.",
-        kind,
-        "pass in-memory tensors, a Dataset, or a DataLoader with a plain (random or sequential) sampler; "
-        "trainwell then gives each process its share.",
-    )
 
 
 def deferred_sync(model: nn.Module) -> contextlib.AbstractContextManager[Any]:

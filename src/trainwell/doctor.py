@@ -328,6 +328,29 @@ def _check_accuracy(
         )
 
 
+def check_plan(batches: Batches, min_batch: int, world_size: int) -> None:
+    """Refuse a batch plan the model cannot train on: batches smaller than BatchNorm needs, or
+    no batch at all once the data is shared between the processes.
+
+    Raises:
+        DataError: With the sizes and the fix.
+    """
+    size = batches.batch_size
+    if size is not None and size < min_batch:
+        raise data_error(
+            "The model has BatchNorm, which cannot train on batches of one sample.",
+            f"batch_size={size}" + (" per process" if world_size > 1 else ""),
+            "use batch_size=2 or more.",
+        )
+    if batches.num_batches == 0:
+        raise data_error(
+            "The training data gives no batch to train on.",
+            f"{batches.num_samples} samples, batch_size={size} on each of {world_size} process(es)"
+            + (", BatchNorm needs 2 per process" if min_batch > 1 else ""),
+            "use a smaller batch_size, fewer processes, drop_last=False, or more data.",
+        )
+
+
 def left_out_note(batches: Batches) -> list[str]:
     """The note for samples the batch plan leaves out because BatchNorm cannot train on so few."""
     if not batches.left_out:

@@ -100,7 +100,8 @@ def train_epoch(run: Run) -> None:
 
 
 def _account(run: Run, batch: Batch, result: StepResult) -> None:
-    run.loss = None if result.loss is None else result.loss.detach()
+    if run.loss is None and result.loss is not None:  # train_step has set it already
+        run.loss = result.loss.detach()
     run.outputs = result.outputs
     if result.outputs is None and run.train_tally.metrics and batch.targets is not None:
         raise config_error(
@@ -197,9 +198,10 @@ def eval_epoch(run: Run, batches: Batches, tally: Tally) -> dict[str, float]:
     run.phase = "eval"
     tally.reset(run.device)
     run.callbacks.fire("on_eval_start", run)
-    with evaluation_mode(run.model, run.loss_fn), run.precision.autocast():
+    model = distributed.unwrap(run.model)  # no DDP collectives: the ranks' batch counts differ
+    with evaluation_mode(model, run.loss_fn), run.precision.autocast():
         for batch in batches.for_epoch(0):
-            outputs = call_model(run.model, batch.inputs)
+            outputs = call_model(model, batch.inputs)
             loss = None
             if run.loss_fn is not None and batch.targets is not None:
                 loss = compute_loss(run, outputs, batch)

@@ -461,6 +461,8 @@ class Tally:
         for metric, (total, count) in zip(self.builtin, state["metrics"], strict=True):
             metric.total, metric.count = total.to(device), int(count)
         self.named = {name: total.to(device) for name, total in state.get("named", {}).items()}
+        for external in self.external:  # not saved: they restart with the resumed part of the epoch
+            _reset_external(external, device)
 
     def read(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
         """The pass's averages so far, keyed by log name.

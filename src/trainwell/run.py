@@ -67,15 +67,27 @@ def as_step_result(value: Any) -> StepResult:
     if isinstance(value, StepResult):
         return value
     if value is None or isinstance(value, torch.Tensor):
-        return StepResult(value)
+        return StepResult(_scalar(value))
     if isinstance(value, Mapping) and all(isinstance(item, torch.Tensor) for item in value.values()):
         named = {str(key): item for key, item in value.items() if key != "loss"}
-        return StepResult(value.get("loss"), None, named)
+        return StepResult(_scalar(value.get("loss")), None, named)
     raise config_error(
         "A training step must return its loss, a dict of named losses, a trainwell.StepResult or None.",
         describe(value),
         "return e.g. {'loss_d': loss_d.detach(), 'loss_g': loss_g.detach()}, or StepResult(loss, outputs) for metrics.",
     )
+
+
+def _scalar(loss: torch.Tensor | None) -> torch.Tensor | None:
+    if loss is None or loss.dim() == 0:
+        return loss
+    if loss.numel() != 1:
+        raise config_error(
+            "A training step's loss must be one number (the batch mean).",
+            describe(loss),
+            "return loss.mean(), or a dict of named scalar losses.",
+        )
+    return loss.reshape(())
 
 
 class Dispatcher(Protocol):

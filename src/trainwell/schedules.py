@@ -164,18 +164,26 @@ def scheduler_callback(scheduler: Any, *, epochs: int, steps_per_epoch: int | No
     Raises:
         ConfigError: Anything else.
     """
+    check_scheduler(scheduler)
     if isinstance(scheduler, str):
         return build_scheduler(scheduler, epochs=epochs, steps_per_epoch=steps_per_epoch, has_val=has_val)
     if isinstance(scheduler, LRScheduler):
         return scheduler
-    if hasattr(scheduler, "step") and hasattr(scheduler, "optimizer"):
-        total = None if steps_per_epoch is None else epochs * steps_per_epoch
-        per_step = isinstance(scheduler, _PER_STEP) or (
-            isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
-            and scheduler.T_max == total
-            and total != epochs
-        )
-        return LRScheduler(scheduler, interval="step" if per_step else "epoch")
+    total = None if steps_per_epoch is None else epochs * steps_per_epoch
+    per_step = isinstance(scheduler, _PER_STEP) or (
+        isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and scheduler.T_max == total != epochs
+    )
+    return LRScheduler(scheduler, interval="step" if per_step else "epoch")
+
+
+def check_scheduler(scheduler: Any) -> None:
+    """Raise ``ConfigError`` unless ``scheduler`` is a schedule name, an ``LRScheduler`` or a torch scheduler."""
+    if isinstance(scheduler, str):
+        if scheduler not in SCHEDULERS:
+            raise unknown_name_error("scheduler", scheduler, SCHEDULERS)
+        return
+    if isinstance(scheduler, LRScheduler) or (hasattr(scheduler, "step") and hasattr(scheduler, "optimizer")):
+        return
     raise config_error(
         "scheduler must be a name, a trainwell.LRScheduler or a torch scheduler.",
         f"scheduler={describe(scheduler)}",
