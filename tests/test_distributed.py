@@ -226,6 +226,23 @@ SEAMS = textwrap.dedent(
                 tw.fit(nn.Sequential(*layers), train, loss="cross_entropy", batch_size=64 // processes, epochs=1,
                        scheduler="onecycle", seed=0, callbacks=[count], progress=False)
                 results[f"{samples}-{norm}-{kind}"] = [count.planned, count.seen]
+    # 3. a NaN loss on one rank only: every rank stops before that step, with the same weights
+    class LogInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(6, 2)
+        def forward(self, inputs):
+            return self.linear(torch.log(inputs))  # NaN for the one negative feature
+
+    x, y = data(64)
+    x = x.abs() + 0.1
+    x[37, 0] = -1.0
+    torch.manual_seed(0)
+    model, stopper = LogInputs(), tw.TerminateOnNaN()
+    with open(os.devnull, "w"):
+        history = tw.fit(model, (x, y), loss="cross_entropy", batch_size=16 // processes, epochs=2,
+                         shuffle=False, callbacks=[stopper], progress=False)
+    results["nan"] = [list(stopper.stopped_at or ()), history.epochs, model.linear.weight.tolist()]
     with open(os.path.join(out, f"seams-{rank}.json"), "w") as file:
         json.dump(results, file)
     """
@@ -258,3 +275,8 @@ def test_accumulation_tails_and_batch_norm_under_torchrun(tmp_path: Path) -> Non
             key = f"{samples}-{norm}-{kind}"
             assert first[key] == second[key] == [steps, steps], key
             assert alone[key][0] == alone[key][1], key  # one process: planned == run, too
+    # Sample 37 is in the third global batch (16 per step), on rank 1 only: both ranks stop there.
+    assert first["nan"] == second["nan"] and first["nan"][0] == [0, 2]
+    assert first["nan"][2] == alone["nan"][2] or torch.allclose(
+        torch.tensor(first["nan"][2]), torch.tensor(alone["nan"][2]), atol=1e-6
+    )

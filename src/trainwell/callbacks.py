@@ -271,9 +271,10 @@ class TerminateOnNaN(Callback):
 
     def on_before_optimizer_step(self, run: Run) -> None:
         assert run.optimizer is not None
-        if run.grad_accum_steps == 1 and run.loss is not None:
+        if run.grad_accum_steps == 1 and run.loss is not None and run.world_size == 1:
             finite = math.isfinite(run.loss.item())  # the batch mean: one value
-        else:  # a window of batches, or a custom step that set no loss: the gradients tell
+        else:  # a window, a custom step that set no loss, or one rank's part of a step: the
+            # gradients tell (under DDP they are all-reduced, so every rank decides alike)
             gradients = [parameter.grad for parameter in run.parameters if parameter.grad is not None]
             finite = not gradients or bool(torch.stack([gradient.isfinite().all() for gradient in gradients]).all())
         if finite:
