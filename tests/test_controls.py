@@ -273,6 +273,27 @@ def test_gradient_accumulation_equals_one_big_batch(samples: int, batch_size: in
         assert torch.allclose(accumulated, reference, atol=1e-6)
 
 
+def test_accumulated_gradients_stay_at_the_scale_of_a_batch_mean() -> None:
+    # fp16 (CUDA only, so not run here) keeps gradients in a narrow range: each batch of a window
+    # contributes its mean loss times its share of the window, never the loss times the batch size.
+    x, y = linear_regression(samples=32)
+    model = nn.Linear(3, 1)
+    start = {key: value.clone() for key, value in model.state_dict().items()}
+    contributions: list[torch.Tensor] = []
+    model.weight.register_hook(lambda gradient: contributions.append(gradient.clone()))
+    frozen = torch.optim.SGD(model.parameters(), lr=0.0)
+    tw.fit(model, (x, y), loss="mse", optimizer=frozen, batch_size=8, grad_accum_steps=2, shuffle=False,
+           progress=False)  # fmt: skip
+    reference = nn.Linear(3, 1)
+    reference.load_state_dict(start)
+    for index, contribution in enumerate(contributions):
+        rows = slice(8 * index, 8 * index + 8)
+        reference.zero_grad()
+        (functional.mse_loss(reference(x[rows]), y[rows]) / 2).backward()
+        assert reference.weight.grad is not None
+        assert torch.allclose(contribution, reference.weight.grad, atol=1e-6)  # a batch mean over the window's 2
+
+
 def test_gradient_clipping_bounds_the_norm_and_values() -> None:
     norms: list[float] = []
     largest: list[float] = []

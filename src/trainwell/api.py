@@ -217,6 +217,7 @@ def fit(
         seed=seed,
         parameters=[parameter for parameter in model.parameters() if parameter.requires_grad],
         grad_accum_steps=grad_accum_steps,
+        window_size=grad_accum_steps * (train_batches.batch_size or 0) * (1 if job is None else job.world_size),
         clip_grad_norm=clip_grad_norm,
         clip_grad_value=clip_grad_value,
         is_main_process=job is None or job.is_main_process,

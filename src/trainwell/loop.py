@@ -127,10 +127,11 @@ def train_step(run: Run, batch: Batch) -> StepResult:
     window (``run.ends_window``), the optimizer step.
 
     Forward and loss run under the run's autocast. The one gradient normalisation: each batch's
-    mean loss is weighted so that, after DistributedDataParallel averages over the N processes
-    and the window's batches are summed, the update equals that of one batch holding every
-    sample of the window on every process (a ragged last batch counts by its size). Batches that
-    do not end a window skip DDP's all-reduce. Never reads a device value.
+    mean loss is weighted by its share of the window's samples over all processes, so that,
+    after DistributedDataParallel averages over the N processes and the window's batches are
+    summed, the update equals that of one batch holding every sample of the window (a ragged
+    batch counts by its size; a window that is not full is corrected in ``optimizer_step``).
+    Batches that do not end a window skip DDP's all-reduce. Never reads a device value.
 
     A custom step (``fit(step=...)``) gets the same ``(run, batch)`` and does the whole update
     itself; it may call ``compute_loss`` and ``optimizer_step``.
@@ -146,9 +147,7 @@ def train_step(run: Run, batch: Batch) -> StepResult:
         outputs = call_model(run.model, batch.inputs)
         loss = compute_loss(run, outputs, batch)
     run.loss = loss.detach()  # what TerminateOnNaN checks before the optimizer step
-    weight: float = batch.size * run.world_size
-    if run.grad_accum_steps == 1:
-        weight /= batch.global_size  # the window is this batch: divide now, not in optimizer_step
+    weight = batch.size * run.world_size / (batch.global_size if run.grad_accum_steps == 1 else run.window_size or 1)
     scaled = run.precision.scaler.scale(loss if weight == 1 else loss * weight)
     if run.ends_window:
         scaled.backward()  # type: ignore[no-untyped-call]
@@ -169,14 +168,15 @@ def compute_loss(run: Run, outputs: Any, batch: Batch) -> torch.Tensor:
 
 
 def optimizer_step(run: Run) -> None:
-    """Unscale, divide accumulated gradients by the window's samples, clip,
-    ``on_before_optimizer_step``, step, zero the gradients."""
+    """Unscale, bring accumulated gradients to the mean over the window's samples (a window that
+    is not full, or of unknown size), clip, ``on_before_optimizer_step``, step, zero the gradients."""
     assert run.optimizer is not None
     scaler = run.precision.scaler
     scaler.unscale_(run.optimizer)
-    if run.grad_accum_steps > 1 and run.window_samples:
+    reference = run.window_size or 1  # what train_step divided each batch's weight by
+    if run.grad_accum_steps > 1 and run.window_samples and run.window_samples != reference:
         gradients = [parameter.grad for parameter in run.parameters if parameter.grad is not None]
-        torch._foreach_div_(gradients, run.window_samples)
+        torch._foreach_mul_(gradients, reference / run.window_samples)
     if run.clip_grad_value is not None:
         nn.utils.clip_grad_value_(run.parameters, run.clip_grad_value, foreach=True)
     if run.clip_grad_norm is not None:

@@ -143,7 +143,9 @@ class Run:
         grad_accum_steps: Batches per optimizer step; window_batches / window_samples: the
             batches and the samples (over all processes) accumulated in the current window;
             ends_window: whether the current batch completes its window (then the step updates
-            the weights).
+            the weights); window_size: the samples of a full window over all processes
+            (0 when the batch size is unknown): the loss of each batch is scaled by it, so that
+            accumulated gradients stay at the magnitude of one batch's mean (fp16's range).
         callback_states: Saved callback states of a resumed run, given to the callbacks right
             after ``on_fit_start`` (None otherwise).
         clip_grad_norm / clip_grad_value: Gradient clipping before each optimizer step.
@@ -184,6 +186,7 @@ class Run:
     grad_accum_steps: int = 1
     window_batches: int = 0
     window_samples: int = 0
+    window_size: int = 0
     ends_window: bool = True
     callback_states: dict[str, Any] | None = None
     clip_grad_norm: float | None = None
