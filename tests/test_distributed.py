@@ -243,6 +243,9 @@ SEAMS = textwrap.dedent(
         history = tw.fit(model, (x, y), loss="cross_entropy", batch_size=16 // processes, epochs=2,
                          shuffle=False, callbacks=[stopper], progress=False)
     results["nan"] = [list(stopper.stopped_at or ()), history.epochs, model.linear.weight.tolist()]
+
+    # 4. predict where a rank has no sample
+    results["predict"] = tw.predict(nn.Linear(6, 2), x[:1], all_ranks=True).shape[0]
     with open(os.path.join(out, f"seams-{rank}.json"), "w") as file:
         json.dump(results, file)
     """
@@ -275,6 +278,7 @@ def test_accumulation_tails_and_batch_norm_under_torchrun(tmp_path: Path) -> Non
             key = f"{samples}-{norm}-{kind}"
             assert first[key] == second[key] == [steps, steps], key
             assert alone[key][0] == alone[key][1], key  # one process: planned == run, too
+    assert first["predict"] == second["predict"] == alone["predict"] == 1
     # Sample 37 is in the third global batch (16 per step), on rank 1 only: both ranks stop there.
     assert first["nan"] == second["nan"] and first["nan"][0] == [0, 2]
     assert first["nan"][2] == alone["nan"][2] or torch.allclose(

@@ -630,17 +630,21 @@ def predict(
     batches = _inference_batches(data, batch_size, job, target, model, inputs_only=True)
     model.to(target)
     run = _inference_run(model, target, Tally([], has_loss=False), None)
-    outputs = _concatenate(loop.predict_loop(run, batches))
+    collected = loop.predict_loop(run, batches)
     if job is None:
-        return outputs
-    if not isinstance(outputs, torch.Tensor):
+        return _concatenate(collected)
+    outputs = _concatenate(collected) if collected else None  # a rank may have no sample at all
+    if outputs is not None and not isinstance(outputs, torch.Tensor):
         raise config_error(
             "In a torchrun job, predict gathers tensor outputs only.",
             describe(outputs),
             "return a tensor from the model.",
         )
     parts = distributed.gather(outputs)
-    return distributed.interleave(parts) if job.is_main_process or all_ranks else None
+    if not job.is_main_process and not all_ranks:
+        return None
+    shaped = next(part for part in parts if part is not None)
+    return distributed.interleave([shaped[:0] if part is None else part for part in parts])
 
 
 def _inference_batches(
