@@ -378,3 +378,25 @@ def test_worker_seeds_differ_between_ranks_and_repeat_on_resume() -> None:
     first, second = draws(0), draws(1)
     assert len(set(first) | set(second)) == 16  # no two samples share their random draw
     assert draws(1, skip=1) == second[4:]  # a resumed epoch draws the same augmentation
+
+
+class Stream(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self) -> None:
+        self.x, self.y = blobs(samples=100)
+
+    def __iter__(self) -> Any:
+        return zip(self.x, self.y, strict=True)
+
+
+def test_an_iterable_dataset_yields_samples_that_are_batched() -> None:
+    sizes: list[int] = []
+
+    class Sizes(tw.Callback):
+        def on_train_batch_start(self, run: tw.Run) -> None:
+            assert run.batch is not None
+            sizes.append(run.batch.size)
+
+    history = tw.fit(make_mlp(), Stream(), loss="cross_entropy", lr=0.5, batch_size=32, epochs=3, callbacks=[Sizes()],
+                     metrics=["accuracy"], progress=False)  # fmt: skip
+    assert sizes[:4] == [32, 32, 32, 4] and history["accuracy"][-1] > 0.9
+    assert tw.predict(make_mlp(), Stream()).shape == (100, 3)

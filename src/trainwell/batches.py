@@ -480,6 +480,8 @@ def to_batches(
         if _optional_len(data.dataset) == 0:
             raise data_error("The DataLoader's dataset is empty.", describe(data.dataset), "pass at least one sample.")
         return _from_loader(data, seed=seed, device=device, dtype=dtype)
+    if isinstance(data, IterableDataset):  # it yields samples, as torch defines it: batch them
+        return LoaderBatches(DataLoader(data, batch_size=batch_size), device=device, one_pass=one_pass)
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         if len(data) == 0:
             raise data_error("The dataset is empty.", describe(data), "pass at least one sample.")
