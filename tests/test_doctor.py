@@ -252,6 +252,11 @@ def test_a_last_batch_of_one_with_batch_norm_is_left_out() -> None:
     tw.fit(model, DataLoader(TensorDataset(x, y), batch_size=16), loss="cross_entropy", callbacks=[Sizes()],
            progress=False)  # fmt: skip
     assert sizes == [16] * 4
+    sizes.clear()
+    listed = [(x[start : start + 16], y[start : start + 16]) for start in range(0, 65, 16)]  # used as given
+    with pytest.warns(tw.TrainwellWarning, match="batch 5 of epoch 1 .* is left out"):
+        tw.fit(model, listed, loss="cross_entropy", callbacks=[Sizes()], progress=False)
+    assert sizes == [16] * 4
 
 
 # 9. parameters

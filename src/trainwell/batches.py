@@ -9,6 +9,7 @@ as given. Nothing else computes batch counts, tails or shards. Must not run the 
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -27,7 +28,7 @@ from torch.utils.data import (
 )
 
 from trainwell.data import ACCEPTED, Batch, InMemory, Repair, as_in_memory, epoch_order, mix_seeds, split_batch
-from trainwell.errors import config_error, data_error, describe
+from trainwell.errors import TrainwellWarning, config_error, data_error, describe
 from trainwell.structures import map_tensors
 
 
@@ -387,6 +388,7 @@ class LoaderBatches:
         self.one_pass = one_pass
         self.first: Any = None  # the first raw batch of a one-pass iterator, read by ``sample``
         self.skips_single = False
+        self.said_skip = False
         self.batch_size: int | None = getattr(iterable, "batch_size", None)
         self.num_batches: int | None = _optional_len(iterable)
         dataset = getattr(iterable, "dataset", None)
@@ -418,6 +420,14 @@ class LoaderBatches:
                 continue
             batch = to_device(split_batch(raw), self.device)
             if self.skips_single and batch.size == 1:
+                if not self.said_skip:  # known only when it comes: said once, at the first
+                    self.said_skip = True
+                    warnings.warn(
+                        f"The model has BatchNorm, which cannot train on a batch of one sample: batch {position + 1} "
+                        f"of epoch {epoch + 1} (and any other of one sample) is left out.",
+                        TrainwellWarning,
+                        stacklevel=2,
+                    )
                 continue
             yield batch if self.fix is None else self.fix(batch)
 
