@@ -27,6 +27,7 @@ from trainwell.checkpoints import (
     load_checkpoint,
     nothing_left,
     restore,
+    restore_result,
 )
 from trainwell.data import split_validation
 from trainwell.doctor import check_plan, examine, explain_non_finite, left_out_note
@@ -170,7 +171,7 @@ def fit(
     )  # fmt: skip
     checked = options.check(model)  # every option, before any side effect
     job = distributed.setup()  # first: in a job, no process touches files before all have joined
-    target = checked.device if job is None else distributed.device_for(job, checked.device)
+    target = _job_device(job, checked.device)
     spec = checked.spec
     if spec is not None and checked.class_weight is not None:
         spec = with_class_weight(spec, checked.class_weight.to(target))
@@ -474,8 +475,7 @@ def _already_done(run: Run, state: dict[str, Any]) -> bool:
     done = nothing_left(state, run.epochs)
     if done is None:
         return False
-    run.module.load_state_dict(state["model"])
-    run.history.load_state_dict(state["history"])
+    restore_result(run, state)
     _say([done])
     return True
 

@@ -144,7 +144,7 @@ class Monitor:
         self.monitor = monitor
         self.mode: Mode = mode if mode != "auto" else ("max" if higher_is_better(monitor) else "min")
         self.min_delta = min_delta
-        self.best = math.inf if self.mode == "min" else -math.inf
+        self.reset()
 
     def reset(self) -> None:
         """Forget the best value (a new ``fit``)."""

@@ -250,6 +250,14 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     run.callback_states = state["callbacks"]
 
 
+def restore_result(run: Run, state: dict[str, Any]) -> None:
+    """Load a finished run's result (its weights and History): there is nothing to continue."""
+    position = state["position"]
+    objects = stateful_objects(run, epoch=position["epoch"], batches_done=position["batches_done"])
+    for key in ("model", "history"):
+        objects[key].load_state_dict(state[key])
+
+
 class Checkpointer(Callback):
     """Saves the training state at the end of every epoch and every ``every_n_steps`` optimizer
     steps; turns Ctrl-C / SIGTERM into "finish the current step, save, raise
