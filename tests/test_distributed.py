@@ -246,6 +246,27 @@ SEAMS = textwrap.dedent(
 
     # 4. predict where a rank has no sample
     results["predict"] = tw.predict(nn.Linear(6, 2), x[:1], all_ranks=True).shape[0]
+
+    # 5. a tagger over padded sequences (-100): each update averages the window's tokens over
+    # both ranks, with and without accumulation
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding, self.out = nn.Embedding(12, 8), nn.Linear(8, 4)
+        def forward(self, ids):
+            return self.out(torch.tanh(self.embedding(ids)))
+
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 12, (48, 7), generator=generator)
+    tags = torch.randint(0, 4, (48, 7), generator=generator)
+    padding = torch.arange(7)[None, :] >= torch.randint(1, 8, (48, 1), generator=generator)
+    ids[padding], tags[padding] = 0, -100
+    for accumulation in (1, 2):
+        torch.manual_seed(0)
+        tagger = Tagger()
+        history = tw.fit(tagger, (ids, tags), loss="cross_entropy", lr=0.5, batch_size=16 // processes // accumulation,
+                         grad_accum_steps=accumulation, epochs=2, seed=0, progress=False)
+        results[f"tokens-{accumulation}"] = [history["loss"], [p.tolist() for p in tagger.parameters()]]
     with open(os.path.join(out, f"seams-{rank}.json"), "w") as file:
         json.dump(results, file)
     """
@@ -279,6 +300,14 @@ def test_accumulation_tails_and_batch_norm_under_torchrun(tmp_path: Path) -> Non
             assert first[key] == second[key] == [steps, steps], key
             assert alone[key][0] == alone[key][1], key  # one process: planned == run, too
     assert first["predict"] == second["predict"] == alone["predict"] == 1
+    # Padded tokens: 2 ranks x 8 (or x 4 with 2-batch windows) update exactly as one process with
+    # 16 per step, where the loss is the mean over the step's counted tokens (float rounding: 1e-6).
+    for accumulation in (1, 2):
+        key = f"tokens-{accumulation}"
+        assert first[key] == second[key], key
+        assert torch.allclose(torch.tensor(first[key][0]), torch.tensor(alone[key][0]), atol=1e-6), key
+        for ours, reference in zip(first[key][1], alone[key][1], strict=True):
+            assert torch.allclose(torch.tensor(ours), torch.tensor(reference), atol=1e-6), key
     # Sample 37 is in the third global batch (16 per step), on rank 1 only: both ranks stop there.
     assert first["nan"] == second["nan"] and first["nan"][0] == [0, 2]
     assert first["nan"][2] == alone["nan"][2] or torch.allclose(

@@ -18,7 +18,7 @@ import trainwell as tw
 from trainwell.batches import to_batches
 from trainwell.doctor import examine
 from trainwell.errors import TrainwellWarning
-from trainwell.losses import resolve_loss
+from trainwell.objective import resolve_loss_options
 
 from conftest import blobs, linear_regression, make_mlp
 
@@ -304,7 +304,7 @@ def test_the_check_does_not_touch_batch_norm_statistics_or_the_random_stream() -
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    examine(model, resolve_loss("cross_entropy"), batches, role="training data", needs_targets=True,
+    examine(model, resolve_loss_options("cross_entropy"), batches, role="training data", needs_targets=True,
             device=torch.device("cpu"))  # fmt: skip
     assert torch.equal(torch.rand(3), expected)
     assert torch.equal(model[1].running_mean, running) and model.training

@@ -14,8 +14,8 @@ LAYERS = [
     {"loop", "doctor"},
     {"progress", "weights", "checkpoints", "callbacks", "schedules", "loggers"},
     {"run", "history"},
-    {"batches"},
-    {"data", "losses", "metrics", "models", "optimizers", "precision", "distributed", "plots"},
+    {"batches", "objective"},
+    {"data", "losses", "metrics", "models", "optimizers", "precision", "distributed", "plots", "outputs"},
     {"structures"},
     {"errors"},
 ]
@@ -80,7 +80,7 @@ def test_public_names() -> None:
         "TerminateOnNaN",
         "TrainingInterrupted", "TrainwellWarning",
         "TrainwellError", "__version__", "compute_loss", "evaluate", "find_lr", "fit", "load_weights",
-        "optimizer_step", "plot_confusion_matrix", "predict", "save_weights", "summary", "train_step",
+        "optimizer_step", "plot_confusion_matrix", "predict", "save_weights", "structured", "summary", "train_step",
     }  # fmt: skip
     for name in trainwell.__all__:
         assert hasattr(trainwell, name)

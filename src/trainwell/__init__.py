@@ -13,6 +13,7 @@ from trainwell.history import History
 from trainwell.loggers import CSVLogger, TensorBoard
 from trainwell.loop import compute_loss, optimizer_step, train_step
 from trainwell.lr_finder import LRFinderResult, find_lr
+from trainwell.objective import structured
 from trainwell.plots import plot_confusion_matrix
 from trainwell.run import Run, StepResult
 from trainwell.schedules import LRScheduler
@@ -49,6 +50,7 @@ __all__ = [
     "plot_confusion_matrix",
     "predict",
     "save_weights",
+    "structured",
     "summary",
     "train_step",
 ]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -29,7 +29,7 @@ from trainwell.checkpoints import (
     restore,
     restore_result,
 )
-from trainwell.data import split_validation
+from trainwell.data import TARGET_KEY, split_validation
 from trainwell.doctor import check_plan, examine, explain_non_finite, left_out_note
 from trainwell.errors import (
     DataError,
@@ -41,16 +41,28 @@ from trainwell.errors import (
     unknown_name_error,
 )
 from trainwell.history import History
-from trainwell.losses import LossFn, LossSpec, binary_threshold, resolve_loss, sample_weighted, with_class_weight
-from trainwell.metrics import AccuracyMode, ExternalMetric, Metric, MetricFn, Tally, metric_name, resolve_metric
+from trainwell.losses import with_class_weight
+from trainwell.metrics import Tally
 from trainwell.models import float_dtype, preserved_modes, smallest_batch
+from trainwell.objective import (
+    HeadKey,
+    LossArg,
+    LossOptions,
+    Metrics,
+    Objective,
+    metric_heads,
+    plain_objective,
+    resolve_loss_options,
+    resolve_metrics,
+    with_sample_weights,
+)
 from trainwell.optimizers import OPTIMIZERS, build_optimizer, check_lr, check_step_without_closure
+from trainwell.outputs import OutputChoice, Selector, for_predict, resolve_output
 from trainwell.precision import PrecisionName, build_precision
 from trainwell.progress import ProgressDisplay, choose_mode
 from trainwell.run import Run, StepFn
 from trainwell.schedules import LRScheduler, check_scheduler, scheduler_callback
 
-MetricArg = str | MetricFn | Metric | ExternalMetric
 Progress = bool | Literal["auto"]
 
 
@@ -58,15 +70,18 @@ def fit(
     model: nn.Module,
     train: Any,
     *,
-    loss: str | LossFn | None = None,
+    loss: LossArg | Mapping[HeadKey, LossArg] | Sequence[LossArg] | None = None,
     optimizer: str | torch.optim.Optimizer = "sgd",
     lr: float | None = None,
     epochs: int = 1,
     batch_size: int = 32,
     shuffle: bool = True,
-    metrics: Sequence[MetricArg] = (),
+    metrics: Metrics = (),
     val: Any = None,
     val_split: float = 0.0,
+    loss_weights: Mapping[HeadKey, float] | Sequence[float] | None = None,
+    output: OutputChoice = None,
+    target_key: str | None = TARGET_KEY,
     callbacks: Sequence[Callback] = (),
     scheduler: str | Any | None = None,
     precision: PrecisionName = "fp32",
@@ -95,11 +110,16 @@ def fit(
         model: Any ``torch.nn.Module``. It is moved to ``device`` and trained in place; its
             train/eval mode is restored when ``fit`` returns.
         train: ``(inputs, targets)`` as tensors or numpy arrays (inputs may be a tuple or dict of
-            them for ``model(*inputs)`` / ``model(**inputs)``), a torch Dataset, a DataLoader, or
-            an iterable of ``(inputs, targets)`` batches.
+            them for ``model(*inputs)`` / ``model(**inputs)``; targets a tuple or dict of them for
+            several output heads), a dict holding ``labels`` (Hugging Face style), a torch
+            Dataset or IterableDataset, a DataLoader, or an iterable of such batches.
         loss: A name (``mse``, ``l1``, ``huber``, ``cross_entropy``, ``bce``, ``bce_with_logits``,
-            ``nll``) or ``callable(outputs, targets) -> scalar tensor`` (the batch mean). Required
-            unless a custom ``step`` computes its own losses.
+            ``nll``) or ``callable(outputs, targets) -> scalar tensor`` (the batch mean); a dict
+            by output name (or a sequence by position) for several output heads. None trains on
+            the loss the model returns in its outputs (a Hugging Face model given ``labels``).
+            Classification losses skip targets equal to their ``ignore_index`` (-100, or a torch
+            loss's own, e.g. ``nn.CrossEntropyLoss(ignore_index=255)``), and then the epoch's
+            values and the gradients average over the positions that count.
         optimizer: A name (``sgd``, ``adam``, ``adamw``, ``rmsprop``) or an optimizer instance,
             used as given.
         lr: Learning rate of a named optimizer (default 0.01 for sgd, 0.001 for the others).
@@ -107,10 +127,17 @@ def fit(
         batch_size: Samples per batch, unless ``train``/``val`` are DataLoaders or batch iterables.
         shuffle: Reshuffle in-memory data and Datasets every epoch.
         metrics: Names (``accuracy``, ``top5_accuracy``, ``mae``, ``mse``, ``rmse``), callables
-            ``(outputs, targets) -> tensor``, or torchmetrics-style objects.
+            ``(outputs, targets) -> tensor``, or torchmetrics-style objects; a dict by output
+            name for several heads (logged as ``<head>_<metric>``).
         val: Validation data, of the same kinds as ``train``.
         val_split: Fraction of ``train`` (in memory or a Dataset) held out for validation when
             ``val`` is None; a random subset, reproducible with ``seed``.
+        loss_weights: Each head's factor in the total loss, by name (or position).
+        output: Which of the model's outputs is the prediction the loss and metrics read, when
+            it returns several: a key, a position, or a function of the outputs. By default the
+            tensor itself, a Mapping's (``ModelOutput``'s) ``logits``, a tuple's first element.
+        target_key: Batches that are one dict (or ``BatchEncoding``) hold their targets under
+            this key; the model gets it too when its ``forward`` takes it.
         callbacks: ``trainwell.Callback`` objects, called in order before the display.
         scheduler: A learning-rate schedule: ``"step"``, ``"cosine"`` (with warm-up),
             ``"onecycle"``, ``"reduce_on_plateau"``, a ``trainwell.LRScheduler``, or a torch
@@ -163,7 +190,8 @@ def fit(
     """
     options = FitOptions(
         loss=loss, optimizer=optimizer, lr=lr, epochs=epochs, batch_size=batch_size, shuffle=shuffle,
-        metrics=metrics, val=val, val_split=val_split, callbacks=callbacks, scheduler=scheduler,
+        metrics=metrics, val=val, val_split=val_split, loss_weights=loss_weights, output=output,
+        target_key=target_key, callbacks=callbacks, scheduler=scheduler,
         precision=precision, compile=compile, grad_accum_steps=grad_accum_steps, clip_grad_norm=clip_grad_norm,
         clip_grad_value=clip_grad_value, class_weight=class_weight, terminate_on_nan=terminate_on_nan, step=step,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, device=device,
@@ -172,9 +200,9 @@ def fit(
     checked = options.check(model)  # every option, before any side effect
     job = distributed.setup()  # first: in a job, no process touches files before all have joined
     target = _job_device(job, checked.device)
-    spec = checked.spec
-    if spec is not None and checked.class_weight is not None:
-        spec = with_class_weight(spec, checked.class_weight.to(target))
+    loss_options = checked.loss_options
+    if loss_options is not None and checked.class_weight is not None:
+        loss_options = _with_class_weight(loss_options, checked.class_weight.to(target))
     directory = None if checkpoint_dir is None else Path(checkpoint_dir)
     if directory is not None:
         check_writable(directory)
@@ -183,29 +211,28 @@ def fit(
     dtype = float_dtype(model)
     if val_split:
         train, val = split_validation(train, val_split, seed, dtype)
-    train_batches = to_batches(train, batch_size=batch_size, shuffle=shuffle, seed=seed, device=target, dtype=dtype)
+    train_batches = to_batches(train, batch_size=batch_size, shuffle=shuffle, seed=seed, device=target, dtype=dtype,
+                               target_key=target_key)  # fmt: skip
     val_batches = None
     if val is not None:
-        val_batches = to_batches(val, batch_size=batch_size, shuffle=False, seed=seed, device=target, dtype=dtype)
+        val_batches = to_batches(val, batch_size=batch_size, shuffle=False, seed=seed, device=target, dtype=dtype,
+                                 target_key=target_key)  # fmt: skip
     model.to(target)
     built_optimizer = build_optimizer(optimizer, model, lr, optimizer_options)
     if step is None:
         check_step_without_closure(built_optimizer)
-    train_metrics = _resolve_metrics(metrics, spec)
-    notes, has_weights = _prepare(model, spec, train_batches, val_batches, train_metrics, job, target, step is not None)
+    notes, objective = _prepare(model, loss_options, options, train_batches, val_batches, job, target)
     _say(notes + _job_notes(job, batch_size), job)
 
     everything = [*callbacks, *_built_in_callbacks(options, train_batches, val_batches is not None, target),
                   *_display(progress, job)]  # fmt: skip
-    train_tally = Tally(train_metrics, has_loss=spec is not None)
-    val_tally = Tally(_resolve_metrics(metrics, spec), has_loss=spec is not None, prefix="val_")
+    train_tally, val_tally = (_tally(metrics, objective, loss_options, prefix) for prefix in ("", "val_"))
     runnable = cast(nn.Module, torch.compile(model)) if compile else model
     run = Run(
         model=runnable if job is None else distributed.wrap(runnable, target),
         module=model,
         optimizer=built_optimizer,
-        loss_fn=None if spec is None else spec.fn,
-        weighted_loss_fn=sample_weighted(spec) if has_weights and spec is not None else None,
+        objective=objective,
         train_tally=train_tally,
         val_tally=val_tally,
         precision=build_precision(precision, target),
@@ -241,15 +268,18 @@ class FitOptions:
     """``fit``'s keywords, kept flat in its signature (as Keras users expect them) and gathered
     here once, so that they are checked together before anything is built or touched."""
 
-    loss: str | LossFn | None
+    loss: Any
     optimizer: str | torch.optim.Optimizer
     lr: float | None
     epochs: int
     batch_size: int
     shuffle: bool
-    metrics: Sequence[MetricArg]
+    metrics: Metrics
     val: Any
     val_split: float
+    loss_weights: Mapping[HeadKey, float] | Sequence[float] | None
+    output: OutputChoice
+    target_key: str | None
     callbacks: Sequence[Callback]
     scheduler: Any
     precision: PrecisionName
@@ -286,22 +316,20 @@ class FitOptions:
             check_scheduler(self.scheduler)
         device = _resolve_device(self.device)
         build_precision(self.precision, device)
-        spec = None if self.loss is None else resolve_loss(self.loss)
-        names = (["loss"] if spec is not None else []) + [metric_name(m) for m in _resolve_metrics(self.metrics, spec)]
+        loss_options = resolve_loss_options(
+            self.loss, loss_weights=self.loss_weights, metric_heads=metric_heads(self.metrics), output=self.output,
+            custom_step=self.step is not None,
+        )  # fmt: skip
+        names = [*(loss_options.loss_keys if loss_options is not None else []),
+                 *(slot.name for slot in resolve_metrics(self.metrics, None, loss_options))]  # fmt: skip
         has_val = self.val is not None or bool(self.val_split)
         keys = names + [f"val_{name}" for name in names if has_val] + (["lr"] if self.scheduler is not None else [])
         schedule = [self.scheduler] if isinstance(self.scheduler, LRScheduler) else []
         _check_monitors([*CallbackList(self.callbacks).callbacks, *schedule], keys, self.step)
         weights = None if self.class_weight is None else _class_weight_tensor(self.class_weight)
         if weights is not None:
-            if spec is None:
-                raise config_error(
-                    "class_weight needs a classification loss.",
-                    "class_weight with loss=None",
-                    "pass loss='cross_entropy' (or another named loss), or weight the losses in your step.",
-                )
-            with_class_weight(spec, weights)  # a loss without classes is refused here
-        return CheckedOptions(device, spec, weights)
+            _with_class_weight(loss_options, weights)  # a loss without classes is refused here
+        return CheckedOptions(device, loss_options, weights)
 
     def _check_plain_values(self) -> None:
         check_count("epochs", self.epochs)
@@ -340,12 +368,6 @@ class FitOptions:
             raise config_error(
                 "step must be a function step(run, batch).", describe(self.step), "see trainwell.train_step."
             )
-        if self.loss is None and self.step is None:
-            raise config_error(
-                "fit needs a loss.",
-                "loss=None",
-                "pass e.g. loss='cross_entropy', or a custom step=... that computes it.",
-            )
         if self.step is not None and self.grad_accum_steps > 1:
             raise config_error(
                 "A custom step does its own updates, so fit cannot accumulate its gradients.",
@@ -378,11 +400,29 @@ class FitOptions:
 
 @dataclass(frozen=True)
 class CheckedOptions:
-    """What checking the options resolved: the requested device, the loss, the class weights."""
+    """What checking the options resolved: the requested device, the losses, the class weights."""
 
     device: torch.device
-    spec: LossSpec | None
+    loss_options: LossOptions | None
     class_weight: torch.Tensor | None
+
+
+def _with_class_weight(options: LossOptions | None, class_weight: torch.Tensor) -> LossOptions:
+    """The loss options with class weights in their one classification loss.
+
+    Raises:
+        ConfigError: No loss, several heads, or a loss without classes.
+    """
+    head = None if options is None or options.has_heads else options.heads[0]
+    if options is None or head is None or head.spec is None:
+        raise config_error(
+            "class_weight needs one classification loss.",
+            f"class_weight with loss={'None' if head is None or head.spec is None else 'given per head'}",
+            "pass loss='cross_entropy' (or another named loss); weigh a head's classes with "
+            "torch.nn.CrossEntropyLoss(weight=...).",
+        )
+    weighted = replace(head, spec=with_class_weight(head.spec, class_weight))
+    return replace(options, heads=(weighted, *options.heads[1:]))
 
 
 def _built_in_callbacks(options: FitOptions, train: Batches, has_val: bool, device: torch.device) -> list[Callback]:
@@ -403,37 +443,52 @@ def _built_in_callbacks(options: FitOptions, train: Batches, has_val: bool, devi
 
 def _prepare(
     model: nn.Module,
-    spec: LossSpec | None,
+    loss_options: LossOptions | None,
+    options: FitOptions,
     train: Batches,
     val: Batches | None,
-    metrics: list[Metric | ExternalMetric],
     job: distributed.Distributed | None,
     device: torch.device,
-    custom_step: bool,
-) -> tuple[list[str], bool]:
-    """Examine the data with the model, apply the doctor's repairs, plan the batches.
+) -> tuple[list[str], Objective | None]:
+    """Examine the data with the model, resolve the objective, apply the doctor's repairs, plan
+    the batches.
 
     A custom step decides itself what the model is called on, so its data is only checked for
-    NaN and inf. Returns the notes to show and whether the data carries sample weights.
+    NaN and inf (and its ``compute_loss`` reads the outputs as they are). Returns the notes to
+    show and the objective.
     """
     rank, world = (0, 1) if job is None else (job.rank, job.world_size)
-    diagnosis = examine(model, spec, train, role="training data", needs_targets=not custom_step, device=device,
-                        metrics=metrics, run_model=not custom_step)  # fmt: skip
+    custom_step = options.step is not None
+    diagnosis = examine(model, loss_options, train, role="training data", needs_targets=not custom_step,
+                        device=device, metrics=options.metrics, run_model=not custom_step,
+                        target_key=options.target_key)  # fmt: skip
+    objective = diagnosis.objective
+    if custom_step and loss_options is not None:
+        objective = plain_objective(loss_options)
     for repair in diagnosis.repairs:
         train.repair(repair)
     minimum = smallest_batch(model)
     train.lay_out(Layout(rank, world, lockstep=True, min_batch=minimum))
     check_plan(train, minimum, world)
-    notes, has_weights = diagnosis.notes + left_out_note(train), diagnosis.has_weights
+    notes = diagnosis.notes + left_out_note(train)
     if val is not None:
-        checked = examine(model, spec, val, role="validation data", needs_targets=spec is not None, device=device,
-                          run_model=spec is not None)  # fmt: skip
+        checked = examine(model, loss_options, val, role="validation data", needs_targets=objective is not None,
+                          device=device, metrics=options.metrics, run_model=not custom_step, objective=objective,
+                          target_key=options.target_key)  # fmt: skip
         for repair in checked.repairs:
             val.repair(repair)
         val.lay_out(Layout(rank, world, lockstep=False))
         notes += checked.notes
-        has_weights |= checked.has_weights
-    return notes, has_weights
+        if checked.has_weights and objective is not None and not diagnosis.has_weights:
+            objective = with_sample_weights(objective)
+    return notes, objective
+
+
+def _tally(metrics: Metrics, objective: Objective | None, options: LossOptions | None, prefix: str = "") -> Tally:
+    """Fresh sums for one pass: the losses (each head's too) and the metrics."""
+    has_loss = objective.has_loss if objective is not None else options is not None
+    named = options.loss_keys[1:] if options is not None and has_loss else []
+    return Tally(resolve_metrics(metrics, objective, options), has_loss=has_loss, prefix=prefix, named_keys=named)
 
 
 def _resolve_seed(seed: int | None, state: dict[str, Any] | None, job: distributed.Distributed | None) -> int:
@@ -538,22 +593,28 @@ def evaluate(
     model: nn.Module,
     data: Any,
     *,
-    loss: str | LossFn | None = None,
-    metrics: Sequence[MetricArg] = (),
+    loss: LossArg | Mapping[HeadKey, LossArg] | Sequence[LossArg] | None = None,
+    metrics: Metrics = (),
     batch_size: int = 256,
     device: str | torch.device = "auto",
+    loss_weights: Mapping[HeadKey, float] | Sequence[float] | None = None,
+    output: OutputChoice = None,
+    target_key: str | None = TARGET_KEY,
 ) -> dict[str, float]:
-    """Score ``model`` on ``data``: the loss and metrics averaged over every sample.
+    """Score ``model`` on ``data``: the loss and metrics averaged over every sample (over every
+    counted position when the targets have ignored positions).
 
     Runs in eval mode under ``torch.inference_mode()``; the model's modes are restored after.
 
     Args:
         model: The model.
         data: The same kinds as ``fit``'s ``train``; it must have targets.
-        loss: A loss name or callable (optional when metrics are given).
+        loss: As in ``fit``. Without it, the model's own loss is reported when its outputs carry
+            one (a Hugging Face model given ``labels``).
         metrics: As in ``fit``.
         batch_size: Samples per batch for in-memory data and Datasets.
         device: As in ``fit``.
+        loss_weights, output, target_key: As in ``fit``.
 
     Returns:
         ``{"loss": ..., "<metric>": ...}`` as floats.
@@ -570,27 +631,22 @@ def evaluate(
     """
     _check_model(model)
     check_count("batch_size", batch_size)
-    if loss is None and not metrics:
-        raise config_error(
-            "evaluate needs a loss or metrics to compute.",
-            "loss=None, metrics=()",
-            "pass e.g. loss='cross_entropy' or metrics=['accuracy'].",
-        )
-    spec = resolve_loss(loss) if loss is not None else None
-    tally = Tally(_resolve_metrics(metrics, spec), has_loss=spec is not None)
+    options = resolve_loss_options(loss, loss_weights=loss_weights, metric_heads=metric_heads(metrics), output=output)
+    resolve_metrics(metrics, None, options)  # unknown or duplicate names, before any work
     job = distributed.setup()
     target = _job_device(job, device)
-    batches = _inference_batches(data, batch_size, job, target, model)
+    batches = _inference_batches(data, batch_size, job, target, model, target_key=target_key)
     model.to(target)
-    diagnosis = examine(model, spec, batches, role="evaluation data", needs_targets=True, device=target,
-                        metrics=tally.metrics, scan_values=False)  # fmt: skip
+    diagnosis = examine(model, options, batches, role="evaluation data", needs_targets=True, device=target,
+                        metrics=metrics, scan_values=False, target_key=target_key,
+                        needs_loss=not metrics)  # fmt: skip
     for repair in diagnosis.repairs:
         batches.repair(repair)
     _say(diagnosis.notes, job)
-    run = _inference_run(model, target, tally, spec.fn if spec is not None else None)
+    objective = diagnosis.objective
+    tally = _tally(metrics, objective, options)
+    run = _inference_run(model, target, tally, objective)
     run.reduce = None if job is None else distributed.all_reduce_sum
-    if diagnosis.has_weights and spec is not None:
-        run.weighted_loss_fn = sample_weighted(spec)
     results = loop.eval_epoch(run, batches, tally)
     explain_non_finite(batches, "evaluation data", results)  # NaN results from NaN data: say where it is
     return results
@@ -603,6 +659,7 @@ def predict(
     batch_size: int = 256,
     device: str | torch.device = "auto",
     all_ranks: bool = False,
+    output: OutputChoice = None,
 ) -> Any:
     """The model's outputs for every sample of ``data``, concatenated on the CPU in input order.
 
@@ -614,9 +671,13 @@ def predict(
         device: As in ``fit``.
         all_ranks: In a torchrun job, return the outputs on every process (by default only rank 0
             gets them; the others get None).
+        output: One output to return (a key, a position, or a function of the outputs), as in
+            ``fit``; by default everything the model returns but a ``loss`` and values that are
+            not tensors.
 
     Returns:
-        A tensor of shape (N, ...); a tuple or dict of such tensors when the model returns one.
+        A tensor of shape (N, ...); a tuple or dict of such tensors when the model returns one
+        (a dict of one tensor, such as a classifier's ``logits``, gives that tensor).
 
     Example:
         >>> import torch, trainwell
@@ -630,7 +691,7 @@ def predict(
     batches = _inference_batches(data, batch_size, job, target, model, inputs_only=True)
     model.to(target)
     run = _inference_run(model, target, Tally([], has_loss=False), None)
-    collected = loop.predict_loop(run, batches)
+    collected = loop.predict_loop(run, batches, for_predict if output is None else _chosen(output))
     if job is None:
         return _concatenate(collected)
     outputs = _concatenate(collected) if collected else None  # a rank may have no sample at all
@@ -638,13 +699,25 @@ def predict(
         raise config_error(
             "In a torchrun job, predict gathers tensor outputs only.",
             describe(outputs),
-            "return a tensor from the model.",
+            "return a tensor from the model, or pick one output with output=.",
         )
     parts = distributed.gather(outputs)
     if not job.is_main_process and not all_ranks:
         return None
     shaped = next(part for part in parts if part is not None)
     return distributed.interleave([shaped[:0] if part is None else part for part in parts])
+
+
+def _chosen(output: OutputChoice) -> Callable[[Any], Any]:
+    """The output ``predict`` keeps of each batch, resolved (and checked) on the first."""
+    selectors: list[Selector] = []
+
+    def keep(outputs: Any) -> Any:
+        if not selectors:
+            selectors.append(resolve_output(outputs, output))
+        return selectors[0](outputs)
+
+    return keep
 
 
 def _inference_batches(
@@ -654,21 +727,22 @@ def _inference_batches(
     device: torch.device,
     model: nn.Module,
     inputs_only: bool = False,
+    target_key: str | None = TARGET_KEY,
 ) -> Batches:
     """The batches of one pass (a generator is fine), each process reading only its own samples."""
     batches = to_batches(data, batch_size=batch_size, shuffle=False, seed=0, device=device, dtype=float_dtype(model),
-                         one_pass=True, inputs_only=inputs_only)  # fmt: skip
+                         one_pass=True, inputs_only=inputs_only, target_key=target_key)  # fmt: skip
     if job is not None:
         batches.lay_out(Layout(job.rank, job.world_size, lockstep=False))
     return batches
 
 
-def _inference_run(model: nn.Module, device: torch.device, tally: Tally, loss_fn: LossFn | None) -> Run:
+def _inference_run(model: nn.Module, device: torch.device, tally: Tally, objective: Objective | None) -> Run:
     return Run(
         model=model,
         module=model,
         optimizer=None,
-        loss_fn=loss_fn,
+        objective=objective,
         train_tally=Tally([], has_loss=False),
         val_tally=tally,
         precision=build_precision("fp32", device),
@@ -689,27 +763,6 @@ def _display(progress: Progress, job: distributed.Distributed | None = None) -> 
         return []
     mode = choose_mode(progress, sys.stdout)
     return [] if mode is None else [ProgressDisplay(mode)]
-
-
-def _resolve_metrics(metrics: Sequence[MetricArg], spec: LossSpec | None) -> list[Metric | ExternalMetric]:
-    if isinstance(metrics, (str, Metric)) or callable(metrics):
-        metrics = [metrics]
-    mode: AccuracyMode = "auto"
-    threshold = 0.5
-    if spec is not None:
-        threshold = binary_threshold(spec)
-        if spec.task in ("multiclass", "binary"):
-            mode = spec.task
-    resolved = [resolve_metric(metric, threshold=threshold, mode=mode) for metric in metrics]
-    names = [metric_name(metric) for metric in resolved]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates or "loss" in names:
-        raise config_error(
-            "Metric names must be unique and differ from 'loss'.",
-            f"metrics named {', '.join(names)}",
-            "remove the duplicate, or give a function metric another __name__.",
-        )
-    return resolved
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:

@@ -27,7 +27,17 @@ from torch.utils.data import (
     get_worker_info,
 )
 
-from trainwell.data import ACCEPTED, Batch, InMemory, Repair, as_in_memory, epoch_order, mix_seeds, split_batch
+from trainwell.data import (
+    ACCEPTED,
+    TARGET_KEY,
+    Batch,
+    InMemory,
+    Repair,
+    as_in_memory,
+    epoch_order,
+    mix_seeds,
+    split_batch,
+)
 from trainwell.errors import TrainwellWarning, config_error, data_error, describe
 from trainwell.structures import map_tensors
 
@@ -300,8 +310,10 @@ class DatasetBatches(_Planned):
         device: torch.device,
         drop_last: bool = False,
         loader_options: Mapping[str, Any] | None = None,
+        target_key: str | None = TARGET_KEY,
     ) -> None:
         self.fix: Repair | None = None
+        self.target_key = target_key
         self.dataset = dataset
         self.batch_size: int | None = batch_size
         self.shuffle = shuffle
@@ -333,7 +345,9 @@ class DatasetBatches(_Planned):
                 source, batch_sampler=self.epoch_batches, generator=generator, **self.loader_options
             )
         for raw, step in zip(self.loader, steps, strict=True):
-            batch = to_device(split_batch(raw), self.device)._replace(size=step.size, global_size=step.global_size)
+            batch = to_device(split_batch(raw, self.target_key), self.device)._replace(
+                size=step.size, global_size=step.global_size
+            )
             yield batch if self.fix is None else self.fix(batch)
 
     def sample(self, count: int) -> Batch:
@@ -342,7 +356,7 @@ class DatasetBatches(_Planned):
         worker_only = ("num_workers", "prefetch_factor", "multiprocessing_context", "persistent_workers")
         options = {key: value for key, value in self.loader_options.items() if key not in worker_only}
         loader = DataLoader(self.dataset, batch_size=len(indices), sampler=indices, **options)
-        return to_device(split_batch(next(iter(loader))), self.device)
+        return to_device(split_batch(next(iter(loader)), self.target_key), self.device)
 
     def repair(self, fix: Repair) -> None:
         self.fix = _chain(self.fix, fix)
@@ -381,8 +395,16 @@ class LoaderBatches:
         one_pass: The data is read once (``evaluate``/``predict``), so an iterator is fine.
     """
 
-    def __init__(self, iterable: Iterable[Any], *, device: torch.device, one_pass: bool = False) -> None:
+    def __init__(
+        self,
+        iterable: Iterable[Any],
+        *,
+        device: torch.device,
+        one_pass: bool = False,
+        target_key: str | None = TARGET_KEY,
+    ) -> None:
         self.fix: Repair | None = None
+        self.target_key = target_key
         self.iterable = iterable
         self.device = device
         self.one_pass = one_pass
@@ -418,7 +440,7 @@ class LoaderBatches:
         for position, raw in enumerate(self._raw()):
             if position < skip:
                 continue
-            batch = to_device(split_batch(raw), self.device)
+            batch = to_device(split_batch(raw, self.target_key), self.device)
             if self.skips_single and batch.size == 1:
                 if not self.said_skip:  # known only when it comes: said once, at the first
                     self.said_skip = True
@@ -435,7 +457,7 @@ class LoaderBatches:
         for raw in self.iterable:
             if self.one_pass and iter(self.iterable) is self.iterable:
                 self.first = raw  # an iterator: keep the batch for the pass
-            return to_device(split_batch(raw), self.device)
+            return to_device(split_batch(raw, self.target_key), self.device)
         if getattr(self.iterable, "drop_last", False):
             raise _dropped_everything(self.batch_size, self.num_samples)
         raise data_error("The data yielded no batches.", describe(self.iterable), "pass data with at least one sample.")
@@ -461,6 +483,7 @@ def to_batches(
     dtype: torch.dtype,
     one_pass: bool = False,
     inputs_only: bool = False,
+    target_key: str | None = TARGET_KEY,
 ) -> Batches:
     """Dispatch any accepted kind of data to its ``Batches``.
 
@@ -476,12 +499,14 @@ def to_batches(
         one_pass: The data is read once (evaluate, predict): a one-shot iterator is accepted.
         inputs_only: Only inputs are expected (predict): a list of tensors of one shape and
             dtype is a list of input batches, not ``[inputs, targets]``.
+        target_key: Batches that are one Mapping (a dict, a ``BatchEncoding``) hold their targets
+            under this key (and the model gets them too); None to read no targets from Mappings.
 
     Raises:
         ConfigError: An unsupported kind of data, with the accepted kinds.
         DataError: Mismatched lengths, empty data, unsupported arrays.
     """
-    in_memory = None if inputs_only and _alike_batches(data) else as_in_memory(data, dtype)
+    in_memory = None if inputs_only and _alike_batches(data) else as_in_memory(data, dtype, target_key)
     if in_memory is not None:
         if len(in_memory) == 0:
             raise data_error("The data is empty.", describe(data), "pass at least one sample.")
@@ -489,13 +514,16 @@ def to_batches(
     if isinstance(data, DataLoader):
         if _optional_len(data.dataset) == 0:
             raise data_error("The DataLoader's dataset is empty.", describe(data.dataset), "pass at least one sample.")
-        return _from_loader(data, seed=seed, device=device, dtype=dtype)
+        return _from_loader(data, seed=seed, device=device, dtype=dtype, target_key=target_key)
     if isinstance(data, IterableDataset):  # it yields samples, as torch defines it: batch them
-        return LoaderBatches(DataLoader(data, batch_size=batch_size), device=device, one_pass=one_pass)
+        loader = DataLoader(data, batch_size=batch_size)
+        return LoaderBatches(loader, device=device, one_pass=one_pass, target_key=target_key)
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         if len(data) == 0:
             raise data_error("The dataset is empty.", describe(data), "pass at least one sample.")
-        return DatasetBatches(data, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device)
+        return DatasetBatches(
+            data, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device, target_key=target_key
+        )
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
         if iter(data) is data and not one_pass:
             raise config_error(
@@ -503,7 +531,7 @@ def to_batches(
                 describe(data),
                 "pass a list of batches, a Dataset or a DataLoader, which can be read every epoch.",
             )
-        return LoaderBatches(data, device=device, one_pass=one_pass)
+        return LoaderBatches(data, device=device, one_pass=one_pass, target_key=target_key)
     raise config_error("Unsupported kind of data.", describe(data), f"pass {ACCEPTED}.")
 
 
@@ -522,7 +550,9 @@ def _dropped_everything(batch_size: int | None, samples: int | None) -> Exceptio
     )
 
 
-def _from_loader(loader: DataLoader[Any], *, seed: int, device: torch.device, dtype: torch.dtype) -> Batches:
+def _from_loader(
+    loader: DataLoader[Any], *, seed: int, device: torch.device, dtype: torch.dtype, target_key: str | None
+) -> Batches:
     """A DataLoader with a plain random or sequential sampler is rebuilt on its dataset, so that
     its order is a function of (seed, epoch) (exact resume without replaying data); a
     TensorDataset with the default collate takes the in-memory fast path. Other loaders
@@ -530,11 +560,11 @@ def _from_loader(loader: DataLoader[Any], *, seed: int, device: torch.device, dt
     sampler = loader.sampler
     standard = type(sampler) in (RandomSampler, SequentialSampler) and loader.batch_size is not None
     if not standard or isinstance(loader.dataset, IterableDataset) or not hasattr(loader.dataset, "__len__"):
-        return LoaderBatches(loader, device=device)
+        return LoaderBatches(loader, device=device, target_key=target_key)
     shuffle = isinstance(sampler, RandomSampler)
     assert loader.batch_size is not None
     fast = isinstance(loader.dataset, TensorDataset) and loader.collate_fn is default_collate
-    in_memory = as_in_memory(loader.dataset, dtype) if fast else None
+    in_memory = as_in_memory(loader.dataset, dtype, target_key) if fast else None
     rebuilt: TensorBatches | DatasetBatches
     if in_memory is not None:
         rebuilt = TensorBatches(
@@ -567,6 +597,7 @@ def _from_loader(loader: DataLoader[Any], *, seed: int, device: torch.device, dt
             device=device,
             drop_last=loader.drop_last,
             loader_options=options,
+            target_key=target_key,
         )
     if rebuilt.num_batches == 0:
         raise _dropped_everything(loader.batch_size, rebuilt.num_samples)
@@ -590,6 +621,7 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
             tensor = tensor.pin_memory()  # a copy from pinned memory does not block the host
         return tensor.to(device, non_blocking=True)
 
-    targets = None if batch.targets is None else move(batch.targets)
     weights = None if batch.weights is None else move(batch.weights)
-    return batch._replace(inputs=map_tensors(batch.inputs, move), targets=targets, weights=weights)
+    return batch._replace(
+        inputs=map_tensors(batch.inputs, move), targets=map_tensors(batch.targets, move), weights=weights
+    )

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
 
 from trainwell.errors import config_error, data_error, describe
 from trainwell.structures import map_tensors, sample_count, tensors_of
@@ -22,6 +22,7 @@ ACCEPTED = (
     "(inputs, targets) as tensors or numpy arrays, a torch Dataset, a DataLoader, "
     "or an iterable of (inputs, targets) batches"
 )
+TARGET_KEY = "labels"  # where a batch that is one Mapping keeps its targets (Hugging Face's convention)
 
 
 class Batch(NamedTuple):
@@ -29,7 +30,9 @@ class Batch(NamedTuple):
 
     Attributes:
         inputs: A tensor, a tuple of tensors (``model(*inputs)``) or a dict (``model(**inputs)``).
-        targets: The targets, or None for data without targets.
+        targets: The targets (a tensor, or a tuple or dict of them for several output heads), or
+            None for data without targets. A batch that is one Mapping holding ``labels`` has
+            them both among its inputs (the model computes its loss from them) and as targets.
         size: Number of samples that count, known on the host without a device synchronisation
             (0 for a process's placeholder in the ragged last step of a torchrun job).
         weights: Per-sample loss weights (from a third data element), or None.
@@ -37,7 +40,7 @@ class Batch(NamedTuple):
     """
 
     inputs: Any
-    targets: torch.Tensor | None
+    targets: Any
     size: int
     weights: torch.Tensor | None = None
     global_size: int = 0
@@ -48,11 +51,11 @@ Repair = Callable[[Batch], Batch]
 
 @dataclass
 class InMemory:
-    """Data held as tensors: inputs (tensor, tuple or dict of tensors), optional targets and
-    optional per-sample weights."""
+    """Data held as tensors: inputs (tensor, tuple or dict of tensors), optional targets (a
+    tensor, or a tuple or dict of them) and optional per-sample weights."""
 
     inputs: Any
-    targets: torch.Tensor | None
+    targets: Any
     weights: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -72,14 +75,17 @@ class InMemory:
         else:
             inputs = map_tensors(self.inputs, lambda tensor: _rows(tensor, index))
             rows = _length(inputs)
-        targets = None if self.targets is None else _rows(self.targets, index)
+        if isinstance(self.targets, torch.Tensor):
+            targets: Any = _rows(self.targets, index)
+        else:
+            targets = map_tensors(self.targets, lambda tensor: _rows(tensor, index))
         weights = None if self.weights is None else _rows(self.weights, index)
         size = rows if size is None else size
         return Batch(inputs, targets, size, weights, size if global_size is None else global_size)
 
     def nbytes(self) -> int:
         """The memory its tensors take."""
-        tensors = [*tensors_of(self.inputs), self.targets, self.weights]
+        tensors = [*tensors_of(self.inputs), *tensors_of(self.targets), self.weights]
         return sum(tensor.nbytes for tensor in tensors if isinstance(tensor, torch.Tensor))
 
     def to(self, device: torch.device) -> InMemory:
@@ -88,9 +94,8 @@ class InMemory:
         def move(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.to(device)
 
-        targets = None if self.targets is None else move(self.targets)
         weights = None if self.weights is None else move(self.weights)
-        return InMemory(map_tensors(self.inputs, move), targets, weights)
+        return InMemory(map_tensors(self.inputs, move), map_tensors(self.targets, move), weights)
 
 
 def _rows(tensor: torch.Tensor, index: torch.Tensor | slice) -> torch.Tensor:
@@ -117,9 +122,10 @@ def mix_seeds(seed: int, value: int) -> int:
     return (seed * 6364136223846793005 + value * 1442695040888963407 + 1) % (2**63)
 
 
-def split_batch(raw: Any) -> Batch:
+def split_batch(raw: Any, target_key: str | None = TARGET_KEY) -> Batch:
     """Read one batch as yielded by a DataLoader or iterable: ``(inputs, targets)``,
-    ``(inputs, targets, sample_weights)``, ``(inputs,)`` or bare inputs (a tensor or dict).
+    ``(inputs, targets, sample_weights)``, ``(inputs,)`` or bare inputs (a tensor or dict); a
+    Mapping (a dict, a ``BatchEncoding``) holding ``target_key`` has its targets there.
 
     Raises:
         DataError: A batch of another shape.
@@ -128,7 +134,7 @@ def split_batch(raw: Any) -> Batch:
         if len(raw) in (2, 3):
             weights = _as_tensor(raw[2], "sample weights") if len(raw) == 3 else None
             size = _length(raw[0])
-            return Batch(raw[0], _as_tensor(raw[1], "targets"), size, weights, size)
+            return Batch(raw[0], _as_targets(raw[1]), size, weights, size)
         if len(raw) == 1:
             size = _length(raw[0])
             return Batch(raw[0], None, size, None, size)
@@ -139,14 +145,16 @@ def split_batch(raw: Any) -> Batch:
         )
     if isinstance(raw, (torch.Tensor, Mapping)):
         size = _length(raw)
-        return Batch(raw, None, size, None, size)
+        targets = raw.get(target_key) if isinstance(raw, Mapping) and target_key is not None else None
+        return Batch(raw, targets, size, None, size)
     raise data_error(
         "Each batch must be (inputs, targets) or (inputs,).", describe(raw), "yield (inputs, targets) tuples."
     )
 
 
-def as_in_memory(data: Any, dtype: torch.dtype) -> InMemory | None:
-    """Recognise in-memory data, converting arrays; None when ``data`` is another kind."""
+def as_in_memory(data: Any, dtype: torch.dtype, target_key: str | None = TARGET_KEY) -> InMemory | None:
+    """Recognise in-memory data, converting arrays; None when ``data`` is another kind. A dict
+    holding ``target_key`` keeps its targets there (they stay among the model's inputs too)."""
     if isinstance(data, TensorDataset):
         tensors = data.tensors
         if len(tensors) not in (1, 2, 3):
@@ -157,21 +165,25 @@ def as_in_memory(data: Any, dtype: torch.dtype) -> InMemory | None:
             )
         return _in_memory(*tensors, dtype=dtype) if len(tensors) > 1 else _in_memory(tensors[0], None, dtype=dtype)
     if _is_array(data) or (isinstance(data, Mapping) and _is_array_structure(data)):
-        return _in_memory(data, None, dtype=dtype)
+        memory = _in_memory(data, None, dtype=dtype)
+        if isinstance(data, Mapping) and target_key is not None and target_key in data:
+            memory.targets = memory.inputs[target_key]
+        return memory
     if isinstance(data, tuple) and len(data) == 1 and _is_array_structure(data[0]):
         return _in_memory(data[0], None, dtype=dtype)
     is_sequence = isinstance(data, (tuple, list)) and len(data) in (2, 3)
-    if is_sequence and _is_array_structure(data[0]) and all(_is_array(part) for part in data[1:]):
+    is_targets = is_sequence and (_is_array(data[1]) or _is_head_targets(data))
+    if is_targets and _is_array_structure(data[0]) and all(_is_array(part) for part in data[2:]):
         return _in_memory(*data, dtype=dtype)
     return None
 
 
 def _in_memory(inputs: Any, targets: Any, weights: Any = None, *, dtype: torch.dtype) -> InMemory:
     inputs = _map_inputs(inputs, lambda part: _convert(part, "inputs", dtype))
-    converted = None if targets is None else _convert(targets, "targets", dtype)
+    converted = None if targets is None else _map_inputs(targets, lambda part: _convert(part, "targets", dtype))
     sample_weights = None if weights is None else _convert(weights, "sample weights", dtype)
     lengths = {_length(part) for part in tensors_of(inputs)}
-    lengths |= {_length(part) for part in (converted, sample_weights) if part is not None}
+    lengths |= {_length(part) for part in [*tensors_of(converted), sample_weights] if part is not None}
     if len(lengths) > 1:
         raise data_error(
             "Inputs, targets and sample weights must have the same number of samples (first dimension).",
@@ -201,6 +213,24 @@ def _convert(value: Any, role: str, dtype: torch.dtype) -> torch.Tensor:
     if tensor.dim() == 0:
         raise data_error(f"The {role} must have a sample dimension.", describe(tensor), "pass one row per sample.")
     return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
+
+
+def _as_targets(value: Any) -> Any:
+    """Targets as a tensor, or a tuple or dict of them (one per output head)."""
+    if isinstance(value, Mapping):
+        return {key: _as_tensor(part, "targets") for key, part in value.items()}
+    if isinstance(value, (tuple, list)) and value and all(_is_array(part) for part in value):
+        return tuple(_as_tensor(part, "targets") for part in value)
+    return _as_tensor(value, "targets")
+
+
+def _is_head_targets(data: Any) -> bool:
+    """``(inputs, (y1, y2))`` or ``(inputs, {"a": y1, "b": y2})``: targets of several output heads.
+    The data must be a tuple (a list of two ``(x, y)`` batches is an iterable of batches)."""
+    targets = data[1]
+    if not isinstance(data, tuple) or isinstance(targets, list) or not _is_array_structure(targets):
+        return False
+    return not _is_array(targets)
 
 
 def _as_tensor(value: Any, role: str) -> torch.Tensor:
@@ -260,10 +290,12 @@ def split_validation(data: Any, fraction: float, seed: int, dtype: torch.dtype) 
     sized = isinstance(data, Dataset) and hasattr(data, "__len__")
     total = len(in_memory) if in_memory is not None else len(data) if sized else None
     if total is None:
+        streamed = isinstance(data, IterableDataset) or isinstance(getattr(data, "dataset", None), IterableDataset)
         raise config_error(
-            "val_split needs in-memory data or a Dataset; a DataLoader or iterable of batches cannot be split.",
+            "val_split needs in-memory data or a Dataset; a DataLoader, an IterableDataset (a stream, with no "
+            "length) or an iterable of batches cannot be split.",
             describe(data),
-            "pass validation data with val=..., or pass a Dataset instead of a DataLoader.",
+            "pass validation data with val=..." + ("" if streamed else ", or pass a Dataset instead of a DataLoader."),
         )
     held_out = round(total * fraction)
     if held_out == 0 or held_out == total:

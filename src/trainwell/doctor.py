@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +19,13 @@ import torch
 from torch import nn
 
 from trainwell.batches import Batches
-from trainwell.data import Batch, InMemory, Repair
+from trainwell.data import TARGET_KEY, Batch, InMemory, Repair
 from trainwell.errors import data_error, describe
 from trainwell.losses import LossSpec, check_loss_inputs
-from trainwell.metrics import Accuracy, ExternalMetric, Metric, TopKAccuracy, check_metric
-from trainwell.models import call_model, float_dtype, probing
+from trainwell.metrics import Accuracy, MetricSlot, TopKAccuracy, check_metric
+from trainwell.models import call_model, float_dtype, keyword_names, probing
+from trainwell.objective import LossOptions, Metrics, Objective, build_objective, resolve_metrics
+from trainwell.outputs import outline, resolve_output
 from trainwell.structures import map_tensors, named_tensors, tensors_of
 
 SAMPLE_SIZE = 8
@@ -35,47 +37,59 @@ class Diagnosis:
     """What the examination found.
 
     Attributes:
-        notes: Repairs to make, one sentence each (``fit`` shows them as warnings).
+        notes: Repairs made and choices taken, one sentence each (``fit`` shows them as warnings).
         repairs: The repairs, in order, for the caller to apply to every batch of the data.
         has_weights: The data carries per-sample weights.
+        objective: The losses and views resolved against the probe (None when the model was
+            not run, or no loss or metric is computed).
     """
 
     notes: list[str] = field(default_factory=list)
     repairs: list[Repair] = field(default_factory=list)
     has_weights: bool = False
+    objective: Objective | None = None
 
 
 def examine(
     model: nn.Module,
-    spec: LossSpec | None,
+    options: LossOptions | None,
     batches: Batches,
     *,
     role: str,
     needs_targets: bool,
     device: torch.device,
-    metrics: list[Metric | ExternalMetric] | None = None,
+    metrics: Metrics = (),
     scan_values: bool = True,
     run_model: bool = True,
+    objective: Objective | None = None,
+    target_key: str | None = TARGET_KEY,
+    needs_loss: bool = True,
 ) -> Diagnosis:
-    """Check ``batches`` against ``model`` and the loss; find the repairs that are unambiguous.
+    """Check ``batches`` against ``model``, the losses and the metrics; resolve the objective; find
+    the repairs that are unambiguous.
 
     Args:
         model: The model, already on ``device``.
-        spec: The loss (None when only metrics are computed).
+        options: The checked loss options (None when a custom step computes the loss).
         batches: The data (not changed: the repairs come back in the diagnosis).
         role: ``"training data"``, ``"validation data"``, ... (for messages).
         needs_targets: Whether the data must have targets.
         device: The model's device.
-        metrics: The metrics that will be computed (checked against the targets).
+        metrics: The metrics that will be computed: each runs once on the probe batch.
         scan_values: Look for NaN/inf in in-memory data now (one pass over it). Training must,
             before any step; ``evaluate`` passes False and calls ``explain_non_finite`` only
             when its results are not finite.
+        run_model: Run the model on a probe batch (a custom step decides itself how to call it).
+        objective: The objective resolved on the training data, reused for validation data.
+        target_key: The key of a Mapping batch's targets (``labels``).
+        needs_loss: A loss must be computed (``evaluate`` without ``loss=`` reports the model's
+            own loss only when its outputs carry one).
 
     Returns:
-        The diagnosis (notes to show, repairs to apply, whether sample weights are present).
+        The diagnosis (notes to show, repairs to apply, sample weights, the objective).
 
     Raises:
-        DataError: A mistake with no unambiguous repair.
+        DataError / ConfigError: A mistake with no unambiguous repair.
     """
     diagnosis = Diagnosis()
     memory = batches.in_memory()
@@ -90,20 +104,58 @@ def examine(
             raise data_error(
                 f"The {role} has no targets.",
                 f"inputs only: {describe(sample.inputs)}",
-                "pass (inputs, targets), e.g. fit(model, (x, y), ...), or a Dataset whose items are (input, target).",
+                "pass (inputs, targets), e.g. fit(model, (x, y), ...), a Dataset whose items are (input, target), "
+                f"or batches that are dicts holding {target_key!r}.",
             )
+        sample = _check_keywords(model, sample, target_key, role, diagnosis)
         outputs, sample = _forward(model, sample, batches, role, diagnosis)
-        if spec is not None and sample.targets is not None and isinstance(outputs, torch.Tensor):
-            sample = _repair_targets(spec, outputs, sample, memory, diagnosis)
-            all_targets = None if memory is None else memory.targets
-            for repair in diagnosis.repairs if all_targets is not None else []:  # as training will see them
-                all_targets = repair(Batch(None, all_targets, 0)).targets
-            check_loss_inputs(spec, outputs, sample.targets, all_targets=all_targets)  # type: ignore[arg-type]
-            _check_loss_value(spec, outputs, sample, role)
-            _warn_about_activations(model, spec, outputs, diagnosis)
-        if metrics and sample.targets is not None and isinstance(outputs, torch.Tensor):
-            _check_metrics(metrics, spec, outputs, sample.targets)
+        if options is None:
+            return diagnosis
+        sample = _repair_single_target(options, outputs, sample, memory, diagnosis)
+        all_targets = None if memory is None else memory.targets
+        for repair in diagnosis.repairs if all_targets is not None else []:  # as training will see them
+            all_targets = repair(Batch(None, all_targets, 0)).targets
+        if objective is None:
+            objective = build_objective(
+                options, outputs, sample.targets, all_targets=all_targets, has_weights=diagnosis.has_weights,
+                needs_loss=needs_loss,
+            )  # fmt: skip
+            diagnosis.notes += objective.notes
+        diagnosis.objective = objective
+        if sample.targets is not None:
+            _check_heads(objective, model, outputs, sample, all_targets, role, diagnosis)
+            _check_metrics(resolve_metrics(metrics, objective, options), objective, outputs, sample.targets)
     return diagnosis
+
+
+def _check_keywords(model: nn.Module, sample: Batch, target_key: str | None, role: str, diagnosis: Diagnosis) -> Batch:
+    """A Mapping batch goes to ``model(**batch)``: keys ``forward`` does not take are an error,
+    except the targets' key, which a model that does not compute its own loss never gets."""
+    if not isinstance(sample.inputs, Mapping):
+        return sample
+    accepted = keyword_names(model)
+    if accepted is None:
+        return sample
+    unknown = [key for key in sample.inputs if key not in accepted]
+    if target_key in unknown:
+        key = target_key
+
+        def without_targets(batch: Batch) -> Batch:
+            if not isinstance(batch.inputs, Mapping):  # the targets alone, repaired as training will see them
+                return batch
+            return batch._replace(inputs={name: value for name, value in batch.inputs.items() if name != key})
+
+        diagnosis.repairs.append(without_targets)
+        unknown.remove(key)
+        sample = without_targets(sample)
+    if unknown:
+        raise data_error(
+            f"The {role} batches hold keys that the model's forward does not take.",
+            f"keys {', '.join(map(repr, unknown))}; forward takes {', '.join(sorted(accepted))}",
+            "remove those keys from the batches (e.g. in the collate function), or rename them to forward's "
+            "parameters.",
+        )
+    return sample
 
 
 def explain_non_finite(batches: Batches, role: str, results: dict[str, float]) -> None:
@@ -116,9 +168,7 @@ def explain_non_finite(batches: Batches, role: str, results: dict[str, float]) -
 
 def _check_finite(memory: InMemory, role: str) -> None:
     """NaN or inf in in-memory data: name the first bad row and column."""
-    parts = named_tensors(memory.inputs, "inputs")
-    if memory.targets is not None:
-        parts.append(("targets", memory.targets))
+    parts = named_tensors(memory.inputs, "inputs") + named_tensors(memory.targets, "targets")
     for name, tensor in parts:
         # One pass, no copy: NaN and inf make the sum non-finite (a sum that overflows only
         # costs the exact search below, which then finds nothing).
@@ -260,19 +310,53 @@ def _check_binary_targets(targets: torch.Tensor) -> None:
         )
 
 
-def _check_loss_value(spec: LossSpec, outputs: torch.Tensor, sample: Batch, role: str) -> None:
-    assert sample.targets is not None
+def _repair_single_target(
+    options: LossOptions, outputs: Any, sample: Batch, memory: InMemory | None, diagnosis: Diagnosis
+) -> Batch:
+    """The target repairs of a one-output model whose loss is known (several heads get none)."""
+    head = options.heads[0]
+    if options.has_heads or head.spec is None or head.is_structured or not isinstance(sample.targets, torch.Tensor):
+        return sample
+    prediction = resolve_output(outputs, options.output)(outputs)
+    return _repair_targets(head.spec, prediction, sample, memory, diagnosis)
+
+
+def _check_heads(
+    objective: Objective,
+    model: nn.Module,
+    outputs: Any,
+    sample: Batch,
+    all_targets: Any,
+    role: str,
+    diagnosis: Diagnosis,
+) -> None:
+    """Each head's outputs and targets against its loss; the total loss on the probe batch."""
+    for head in objective.heads:
+        if head.spec is None or head.is_structured:
+            continue
+        prediction, targets = head.view(outputs, sample.targets)
+        if isinstance(prediction, torch.Tensor) and isinstance(targets, torch.Tensor):
+            whole = None if all_targets is None else head.target(all_targets)
+            check_loss_inputs(head.spec, prediction, targets, all_targets=whole)
+            if len(objective.heads) == 1:
+                _warn_about_activations(model, head.spec, prediction, diagnosis)
+    if objective.has_loss:
+        _check_loss_value(objective, outputs, sample, role)
+
+
+def _check_loss_value(objective: Objective, outputs: Any, sample: Batch, role: str) -> None:
+    names = ", ".join(head.spec.name for head in objective.heads if head.spec is not None) or "the model's own loss"
     try:
-        value = spec.fn(outputs, sample.targets)
-    except (RuntimeError, ValueError, IndexError) as error:
+        value = objective.losses(outputs, sample.targets, sample.weights).loss
+    except (RuntimeError, ValueError, IndexError, TypeError, KeyError, AttributeError) as error:
         raise data_error(
-            f"The loss {spec.name} failed on a sample of the {role}: {error}",
-            f"outputs {describe(outputs)}, targets {describe(sample.targets)}",
+            f"The loss {names} failed on a sample of the {role}: {error}",
+            f"outputs {outline(outputs)}, targets {describe(sample.targets)}",
             "make the targets match what the loss expects (see the loss's documentation).",
         ) from error
-    if not isinstance(value, torch.Tensor) or value.dim() != 0:
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
         raise data_error(
-            f"The loss {spec.name} must return a scalar tensor (the batch mean).",
+            f"The loss {names} must return a scalar tensor (the batch mean).",
             describe(value),
             "reduce it with .mean(), or use reduction='mean' for torch loss modules.",
         )
@@ -299,30 +383,28 @@ def _warn_about_activations(model: nn.Module, spec: LossSpec, outputs: torch.Ten
             )
 
 
-def _check_metrics(
-    metrics: list[Metric | ExternalMetric], spec: LossSpec | None, outputs: torch.Tensor, targets: torch.Tensor
-) -> None:
-    for metric in metrics:
-        if isinstance(metric, (Accuracy, TopKAccuracy)):
-            _check_accuracy(metric, spec, outputs, targets)
-        check_metric(metric, outputs, targets)  # any metric that would fail, before the first step
+def _check_metrics(slots: list[MetricSlot], objective: Objective, outputs: Any, targets: Any) -> None:
+    """Every metric, once, on the probe batch: one that cannot work fails here, named."""
+    for slot in slots:
+        predicted, expected = (outputs, targets) if slot.route is None else slot.route(outputs, targets)
+        if isinstance(slot.metric, (Accuracy, TopKAccuracy)):
+            _check_accuracy(slot.name, slot.metric, predicted, expected)
+        check_metric(slot.metric, predicted, expected, slot.name)
 
 
-def _check_accuracy(
-    metric: Accuracy | TopKAccuracy, spec: LossSpec | None, outputs: torch.Tensor, targets: torch.Tensor
-) -> None:
+def _check_accuracy(name: str, metric: Accuracy | TopKAccuracy, outputs: Any, targets: Any) -> None:
+    if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        return
     continuous = targets.is_floating_point() and not bool((targets == targets.round()).all())
-    regression = spec is not None and spec.outputs == "values"
-    binary_probabilities = spec is not None and spec.task == "binary"
-    if continuous and (regression or not binary_probabilities):
+    if continuous and getattr(metric, "mode", "auto") != "binary":
         raise data_error(
-            f"{metric.name} needs class targets, but the targets are continuous values (a regression task).",
+            f"{name} needs class targets, but the targets are continuous values (a regression task).",
             f"targets {describe(targets)}, e.g. {float(targets.flatten()[0]):.4g}",
             "use metrics=['mae'], ['mse'] or ['rmse'] for regression.",
         )
     if isinstance(metric, TopKAccuracy) and (outputs.dim() < 2 or outputs.shape[1] < 2):
         raise data_error(
-            f"{metric.name} needs one output per class.",
+            f"{name} needs one output per class.",
             f"outputs {describe(outputs)}",
             "use 'accuracy' for a single output column.",
         )

@@ -29,7 +29,7 @@ Nothing here reads a device value per step: losses and metrics go into device-si
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -41,6 +41,8 @@ from trainwell.data import Batch
 from trainwell.errors import config_error
 from trainwell.metrics import Tally
 from trainwell.models import call_model, preserved_modes
+from trainwell.objective import Objective
+from trainwell.outputs import for_predict
 from trainwell.run import Run, StepResult, as_step_result
 
 
@@ -103,7 +105,7 @@ def _account(run: Run, batch: Batch, result: StepResult) -> None:
     if run.loss is None and result.loss is not None:  # train_step has set it already
         run.loss = result.loss.detach()
     run.outputs = result.outputs
-    if result.outputs is None and run.train_tally.metrics and batch.targets is not None:
+    if result.outputs is None and run.train_tally.slots and batch.targets is not None:
         raise config_error(
             "The training step returned no outputs, so the metrics cannot be computed.",
             f"metrics {', '.join(run.train_tally.keys[1:])} with a custom step",
@@ -112,7 +114,7 @@ def _account(run: Run, batch: Batch, result: StepResult) -> None:
     if batch.size:  # a process's placeholder in a ragged last step counts for nothing
         tally = run.train_tally
         if tally.has_loss or run.loss is None:
-            tally.update(run.loss, result.outputs, batch.targets, batch.size, result.logs)
+            tally.update(run.loss, result.outputs, batch.targets, batch.size, result.logs, result.items)
         else:  # a custom step without fit's loss: its own loss is logged by name
             tally.update(None, result.outputs, batch.targets, batch.size, {"loss": run.loss, **result.logs})
 
@@ -131,52 +133,77 @@ def train_step(run: Run, batch: Batch) -> StepResult:
     after DistributedDataParallel averages over the N processes and the window's batches are
     summed, the update equals that of one batch holding every sample of the window (a ragged
     batch counts by its size; a window that is not full is corrected in ``optimizer_step``).
+    When the objective counts items (tokens with ignored positions), a batch is weighted by its
+    counted items instead, and ``optimizer_step`` divides by the window's items over all
+    processes (a device count, summed with the gradients' reduction: nothing is read back).
     Batches that do not end a window skip DDP's all-reduce. Never reads a device value.
 
     A custom step (``fit(step=...)``) gets the same ``(run, batch)`` and does the whole update
     itself; it may call ``compute_loss`` and ``optimizer_step``.
 
     Args:
-        run: The run; uses its model, loss, optimizer and precision.
+        run: The run; uses its model, objective, optimizer and precision.
         batch: The batch, already on the device.
 
     Returns:
-        The loss and the outputs; the loop adds them to the epoch's sums.
+        The loss, the outputs, each head's loss and the counted items; the loop adds them to the
+        epoch's sums.
     """
+    assert run.objective is not None
     with run.precision.autocast():
         outputs = call_model(run.model, batch.inputs)
-        loss = compute_loss(run, outputs, batch)
+        parts = run.objective.losses(outputs, batch.targets, batch.weights)
+    loss = parts.loss
     run.loss = loss.detach()  # what TerminateOnNaN checks before the optimizer step
-    weight = batch.size * run.world_size / (batch.global_size if run.grad_accum_steps == 1 else run.window_size or 1)
-    scaled = run.precision.scaler.scale(loss if weight == 1 else loss * weight)
+    weight = _loss_weight(run, batch, parts.items)
+    scaled = run.precision.scaler.scale(loss if isinstance(weight, float) and weight == 1 else loss * weight)
     if run.ends_window:
         scaled.backward()  # type: ignore[no-untyped-call]
         optimizer_step(run)
     else:
         with distributed.deferred_sync(run.model):
             scaled.backward()  # type: ignore[no-untyped-call]
-    return StepResult(loss, outputs)
+    return StepResult(loss, outputs, parts.named, parts.items)
+
+
+def _loss_weight(run: Run, batch: Batch, items: torch.Tensor | None) -> float | torch.Tensor:
+    """The factor of a batch's mean loss in the window's gradient (see ``train_step``)."""
+    if items is not None and (run.grad_accum_steps > 1 or run.world_size > 1):
+        assert run.objective is not None
+        samples = run.window_size if run.grad_accum_steps > 1 else batch.global_size
+        # Any constant works (optimizer_step divides it out); the expected items keep the scaled
+        # loss near the batch mean, inside fp16's range.
+        run.item_reference = max(samples * run.objective.items_per_sample, 1.0)
+        run.window_items = items if run.window_items is None else run.window_items + items
+        return items * (run.world_size / run.item_reference)
+    return batch.size * run.world_size / (batch.global_size if run.grad_accum_steps == 1 else run.window_size or 1)
 
 
 def compute_loss(run: Run, outputs: Any, batch: Batch) -> torch.Tensor:
-    """The batch's mean loss, weighted per sample when the batch carries weights."""
-    assert run.loss_fn is not None
-    if batch.weights is None:
-        return run.loss_fn(outputs, batch.targets)
-    assert run.weighted_loss_fn is not None and batch.targets is not None
-    return run.weighted_loss_fn(outputs, batch.targets, batch.weights)
+    """The batch's loss as ``fit`` trains on it: the loss (or the heads' weighted sum, or the
+    model's own), over counted items or samples, weighted per sample when the batch carries weights."""
+    assert run.objective is not None
+    return run.objective.losses(outputs, batch.targets, batch.weights).loss
 
 
 def optimizer_step(run: Run) -> None:
-    """Unscale, bring accumulated gradients to the mean over the window's samples (a window that
-    is not full, or of unknown size), clip, ``on_before_optimizer_step``, step, zero the gradients."""
+    """Unscale, bring accumulated gradients to the mean over the window's samples or counted
+    items (a window that is not full, or of unknown size), clip, ``on_before_optimizer_step``,
+    step, zero the gradients."""
     assert run.optimizer is not None
     scaler = run.precision.scaler
     scaler.unscale_(run.optimizer)
-    reference = run.window_size or 1  # what train_step divided each batch's weight by
-    if run.grad_accum_steps > 1 and run.window_samples and run.window_samples != reference:
-        gradients = [parameter.grad for parameter in run.parameters if parameter.grad is not None]
-        torch._foreach_mul_(gradients, reference / run.window_samples)
+    gradients = [parameter.grad for parameter in run.parameters if parameter.grad is not None]
+    if run.window_items is not None:
+        items = run.window_items.reshape(1).to(torch.float64)
+        if run.reduce is not None:
+            items = run.reduce(items)
+        torch._foreach_mul_(gradients, (run.item_reference / items.clamp_min(1)).to(torch.float32).reshape(()))
+        run.window_items = None
+    else:
+        reference = run.window_size or 1  # what train_step divided each batch's weight by
+        if run.grad_accum_steps > 1 and run.window_samples and run.window_samples != reference:
+            torch._foreach_mul_(gradients, reference / run.window_samples)
     if run.clip_grad_value is not None:
         nn.utils.clip_grad_value_(run.parameters, run.clip_grad_value, foreach=True)
     if run.clip_grad_norm is not None:
@@ -199,13 +226,14 @@ def eval_epoch(run: Run, batches: Batches, tally: Tally) -> dict[str, float]:
     tally.reset(run.device)
     run.callbacks.fire("on_eval_start", run)
     model = distributed.unwrap(run.model)  # no DDP collectives: the ranks' batch counts differ
-    with evaluation_mode(model, run.loss_fn), run.precision.autocast():
+    objective = run.objective
+    with evaluation_mode(model, _loss_modules(objective)), run.precision.autocast():
         for batch in batches.for_epoch(0):
             outputs = call_model(model, batch.inputs)
-            loss = None
-            if run.loss_fn is not None and batch.targets is not None:
-                loss = compute_loss(run, outputs, batch)
-            tally.update(loss, outputs, batch.targets, batch.size)
+            loss, named, items = None, None, None
+            if objective is not None and objective.has_loss and batch.targets is not None:
+                loss, named, items = objective.losses(outputs, batch.targets, batch.weights)
+            tally.update(loss, outputs, batch.targets, batch.size, named, items)
             run.batch, run.outputs, run.loss = batch, outputs, loss
             run.callbacks.fire("on_eval_batch_end", run)
     run.eval_logs = tally.read(run.reduce)
@@ -213,8 +241,9 @@ def eval_epoch(run: Run, batches: Batches, tally: Tally) -> dict[str, float]:
     return run.eval_logs
 
 
-def predict_loop(run: Run, batches: Batches) -> list[Any]:
-    """Run the model over ``batches`` in eval and inference mode; the per-batch outputs, in order."""
+def predict_loop(run: Run, batches: Batches, keep: Callable[[Any], Any] = for_predict) -> list[Any]:
+    """Run the model over ``batches`` in eval and inference mode; the per-batch outputs, in order,
+    each trimmed by ``keep`` (by default its loss and what is not tensors left out)."""
     run.phase = "predict"
     collected: list[Any] = []
     run.callbacks.fire("on_eval_start", run)
@@ -222,19 +251,25 @@ def predict_loop(run: Run, batches: Batches) -> list[Any]:
         for batch in batches.for_epoch(0):
             run.batch = batch
             run.outputs = call_model(run.model, batch.inputs)
-            collected.append(run.outputs)
+            collected.append(keep(run.outputs))
             run.callbacks.fire("on_eval_batch_end", run)
     run.callbacks.fire("on_eval_end", run)
     return collected
 
 
+def _loss_modules(objective: Objective | None) -> list[nn.Module]:
+    if objective is None:
+        return []
+    return [head.spec.fn for head in objective.heads if head.spec is not None and isinstance(head.spec.fn, nn.Module)]
+
+
 @contextlib.contextmanager
-def evaluation_mode(model: nn.Module, loss_fn: Any = None) -> Iterator[None]:
-    """``model.eval()`` (and a loss that is a module) under ``torch.inference_mode()``; restores
+def evaluation_mode(model: nn.Module, losses: Sequence[nn.Module] = ()) -> Iterator[None]:
+    """``model.eval()`` (and losses that are modules) under ``torch.inference_mode()``; restores
     each submodule's mode on exit."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(preserved_modes(model, training=False))
-        if isinstance(loss_fn, nn.Module):
-            stack.enter_context(preserved_modes(loss_fn, training=False))
+        for loss in losses:
+            stack.enter_context(preserved_modes(loss, training=False))
         stack.enter_context(torch.inference_mode())
         yield

@@ -7,7 +7,7 @@ outputs/targets against the loss before training. Must not run models or iterate
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -35,6 +35,9 @@ class LossSpec:
             (targets shaped exactly like the outputs) or ``"unknown"`` for custom losses.
         task: What the loss trains: ``"multiclass"``, ``"binary"`` (one or more yes/no outputs),
             ``"regression"``, or ``"unknown"`` for custom losses. Metrics and checks follow it.
+        ignore_index: The class label that marks positions the loss skips (padding, void
+            pixels): torch's -100 for ``cross_entropy`` and ``nll``, a loss module's own
+            ``ignore_index``; None for losses without one.
     """
 
     name: str
@@ -42,14 +45,15 @@ class LossSpec:
     outputs: OutputKind
     targets: TargetKind
     task: Task
+    ignore_index: int | None = None
 
 
 LOSSES: dict[str, LossSpec] = {
     "mse": LossSpec("mse", functional.mse_loss, "values", "same_shape", "regression"),
     "l1": LossSpec("l1", functional.l1_loss, "values", "same_shape", "regression"),
     "huber": LossSpec("huber", functional.huber_loss, "values", "same_shape", "regression"),
-    "cross_entropy": LossSpec("cross_entropy", functional.cross_entropy, "logits", "classes", "multiclass"),
-    "nll": LossSpec("nll", functional.nll_loss, "log_probabilities", "classes", "multiclass"),
+    "cross_entropy": LossSpec("cross_entropy", functional.cross_entropy, "logits", "classes", "multiclass", -100),
+    "nll": LossSpec("nll", functional.nll_loss, "log_probabilities", "classes", "multiclass", -100),
     "bce": LossSpec("bce", functional.binary_cross_entropy, "probabilities", "same_shape", "binary"),
     "bce_with_logits": LossSpec(
         "bce_with_logits", functional.binary_cross_entropy_with_logits, "logits", "same_shape", "binary"
@@ -97,7 +101,8 @@ def resolve_loss(loss: str | LossFn) -> LossSpec:
     known = _MODULE_NAMES.get(type(loss)) if isinstance(loss, nn.Module) else None
     if known is not None:
         base = LOSSES[known]
-        return LossSpec(base.name, loss, base.outputs, base.targets, base.task)
+        ignore_index = getattr(loss, "ignore_index", None) if base.ignore_index is not None else None
+        return replace(base, fn=loss, ignore_index=ignore_index)
     name = getattr(loss, "__name__", type(loss).__name__)
     return LossSpec(name, loss, "unknown", "unknown", "unknown")
 
@@ -129,7 +134,7 @@ def with_class_weight(spec: LossSpec, class_weight: torch.Tensor) -> LossSpec:
         def weighted(outputs: torch.Tensor, targets: torch.Tensor, **options: Any) -> torch.Tensor:
             return base(outputs, targets, weight=class_weight[(targets > 0.5).long()], **options)
 
-    return LossSpec(spec.name, weighted, spec.outputs, spec.targets, spec.task)
+    return replace(spec, fn=weighted)
 
 
 def sample_weighted(spec: LossSpec) -> WeightedLossFn:
@@ -204,14 +209,11 @@ def _check_class_targets(
                 "convert them with y.long() (labels 0 .. C-1).",
             )
         labels = targets if all_targets is None else all_targets
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= classes:
-            scope = "in the first samples" if all_targets is None else "in the data"
-            cause = " Labels look 1-based: subtract 1." if low >= 1 and high == classes else ""
-            raise data_error(
-                f"Class labels must lie in [0, {classes - 1}] for a model with {classes} outputs.{cause}",
-                f"labels from {low} to {high} {scope}; outputs {describe(outputs)}",
-                f"make the labels 0 .. {classes - 1}, or give the model's last layer {high + 1} outputs.",
+        if spec.ignore_index is not None:
+            labels = labels[labels != spec.ignore_index]
+        if labels.numel():
+            _check_label_range(
+                spec, labels, classes, outputs, scope="in the first samples" if all_targets is None else "in the data"
             )
         return
     if targets.shape == outputs.shape:
@@ -223,9 +225,32 @@ def _check_class_targets(
             )
         return
     raise data_error(
-        f"{spec.name} targets must be class indices of shape (N,) or probabilities shaped like the outputs.",
+        f"{spec.name} targets must be class indices, (N,) for outputs (N, C) or (N, ...) for outputs (N, C, ...) "
+        "or (N, ..., C), or probabilities shaped like the outputs.",
         f"outputs {describe(outputs)}, targets {describe(targets)}",
         "pass targets of shape (N,) holding labels 0 .. C-1 (squeeze an (N, 1) column with y.squeeze(1)).",
+    )
+
+
+def _check_label_range(spec: LossSpec, labels: torch.Tensor, classes: int, outputs: torch.Tensor, scope: str) -> None:
+    low, high = int(labels.min()), int(labels.max())
+    if low >= 0 and high < classes:
+        return
+    outside = torch.unique(labels[(labels < 0) | (labels >= classes)])
+    skipped = f"ignore_index={spec.ignore_index}" if spec.ignore_index is not None else "no ignored label"
+    if low >= 1 and high == classes:
+        cause, fix = " Labels look 1-based: subtract 1.", f"make the labels 0 .. {classes - 1}."
+    elif len(outside) == 1 and spec.task == "multiclass":
+        value = int(outside[0])
+        cause = f" If {value} marks positions to skip (padding, void pixels), tell the loss so."
+        module = "CrossEntropyLoss" if spec.outputs == "logits" else "NLLLoss"
+        fix = f"pass loss=torch.nn.{module}(ignore_index={value}), or give the model's last layer {high + 1} outputs."
+    else:
+        cause, fix = "", f"make the labels 0 .. {classes - 1}, or give the model's last layer {high + 1} outputs."
+    raise data_error(
+        f"Class labels must lie in [0, {classes - 1}] for a model with {classes} outputs.{cause}",
+        f"labels from {low} to {high} {scope} ({skipped}); outputs {describe(outputs)}",
+        fix,
     )
 
 

@@ -11,14 +11,17 @@ import math
 import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from trainwell.errors import config_error, describe, unknown_name_error
+from trainwell.structures import map_tensors, sample_count, tensors_of
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Count = int | torch.Tensor  # a host count, or a device count (positions that are not ignored)
+Route = Callable[[Any, Any], tuple[Any, Any]]
 AccuracyMode = Literal["auto", "multiclass", "binary"]
 
 
@@ -44,7 +47,7 @@ class Metric:
 
     def __init__(self) -> None:
         self.total = torch.zeros((), dtype=torch.float64)
-        self.count = 0
+        self.count: Count = 0
 
     def reset(self, device: torch.device) -> None:
         """Zero the sums on ``device``."""
@@ -58,8 +61,9 @@ class Metric:
         self.total.add_(value)
         self.count += count
 
-    def batch_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Return the batch's sum (a device tensor) and how many items it covers (a host int)."""
+    def batch_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Count]:
+        """Return the batch's sum (a device tensor) and how many items it covers (a host int, or
+        a device tensor when some positions do not count)."""
         raise NotImplementedError
 
     def finalize(self, total: float, count: float) -> float:
@@ -78,18 +82,21 @@ class Accuracy(Metric):
         threshold: Decision threshold for binary outputs.
         mode: ``"binary"`` for element-wise (multi-label) accuracy with BCE losses,
             ``"multiclass"`` for arg-max accuracy, ``"auto"`` to decide from the shapes.
+        ignore_index: A class label whose positions count neither as right nor as wrong
+            (padding, void pixels); None to count every position.
     """
 
     name = "accuracy"
     is_fraction = True
     counts = True
 
-    def __init__(self, threshold: float = 0.5, mode: AccuracyMode = "auto") -> None:
+    def __init__(self, threshold: float = 0.5, mode: AccuracyMode = "auto", ignore_index: int | None = None) -> None:
         super().__init__()
         self.threshold = threshold
         self.mode = mode
+        self.ignore_index = ignore_index
 
-    def batch_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def batch_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Count]:
         multiclass = self.mode == "multiclass" or (self.mode == "auto" and outputs.dim() >= 2 and outputs.shape[1] > 1)
         if multiclass:
             predicted = outputs.argmax(1)
@@ -97,30 +104,40 @@ class Accuracy(Metric):
                 targets = targets.argmax(1)
             elif targets.shape != predicted.shape:
                 targets = targets.view(predicted.shape)
-            return (predicted == targets).sum(), predicted.numel()
+            return _hits(predicted == targets, targets, self.ignore_index)
         predicted = outputs.reshape(-1) > self.threshold
         return (predicted == (targets.reshape(-1) > 0.5)).sum(), predicted.numel()
 
 
+def _hits(correct: torch.Tensor, targets: torch.Tensor, ignore_index: int | None) -> tuple[torch.Tensor, Any]:
+    """The correct positions and the positions counted (a device tensor when some are ignored)."""
+    if ignore_index is None:
+        return correct.sum(), correct.numel()
+    counted = targets != ignore_index
+    return (correct & counted).sum(), counted.sum()
+
+
 class TopKAccuracy(Metric):
-    """Share of samples whose class is among the ``k`` highest outputs."""
+    """Share of samples (or positions, for outputs (N, C, ...)) whose class is among the ``k``
+    highest outputs; positions labelled ``ignore_index`` do not count."""
 
     is_fraction = True
     counts = True
 
-    def __init__(self, k: int = 5) -> None:
+    def __init__(self, k: int = 5, ignore_index: int | None = None) -> None:
         super().__init__()
         if k < 1:
             raise config_error("top-k accuracy needs k >= 1.", f"k={k}", "use e.g. 'top5_accuracy'.")
         self.k = k
         self.name = f"top{k}_accuracy"
+        self.ignore_index = ignore_index
 
-    def batch_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def batch_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Count]:
         if targets.shape == outputs.shape:
             targets = targets.argmax(1)
         top = outputs.topk(min(self.k, outputs.shape[1]), dim=1).indices
-        hits = (top == targets.view(-1, 1)).any(dim=1)
-        return hits.sum(), hits.numel()
+        hits = (top == targets.reshape((*top.shape[:1], 1, *top.shape[2:]))).any(dim=1)
+        return _hits(hits, targets, self.ignore_index)
 
 
 class MeanAbsoluteError(Metric):
@@ -128,7 +145,7 @@ class MeanAbsoluteError(Metric):
 
     name = "mae"
 
-    def batch_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def batch_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Count]:
         return (outputs - targets).abs().sum(), outputs.numel()
 
 
@@ -137,7 +154,7 @@ class MeanSquaredError(Metric):
 
     name = "mse"
 
-    def batch_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def batch_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Count]:
         return (outputs - targets).square().sum(), outputs.numel()
 
 
@@ -199,10 +216,11 @@ class FunctionMetric(Metric):
         self.fn = fn
         self.name = name
 
-    def batch_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-        size = targets.shape[0] if targets.dim() else 1
+    def batch_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Count]:
+        size = sample_count(targets) or 1
         result = self.fn(outputs, targets)
-        value = scalar_tensor(result, outputs.device)
+        device = outputs.device if isinstance(outputs, torch.Tensor) else tensors_of(outputs)[0].device
+        value = scalar_tensor(result, device)
         if value is None:
             raise unusable_result_error(self.name, result)
         return value * size, size
@@ -227,7 +245,11 @@ _TOP_K = re.compile(r"top_?(\d+)_accuracy")
 
 
 def resolve_metric(
-    metric: str | MetricFn | Metric | ExternalMetric, *, threshold: float, mode: AccuracyMode
+    metric: str | MetricFn | Metric | ExternalMetric,
+    *,
+    threshold: float,
+    mode: AccuracyMode,
+    ignore_index: int | None = None,
 ) -> Metric | ExternalMetric:
     """Turn one entry of ``metrics=[...]`` into a fresh accumulator.
 
@@ -236,6 +258,7 @@ def resolve_metric(
             torchmetrics-style object, or a ``callable(outputs, targets) -> scalar tensor``.
         threshold: Binary decision threshold for accuracy (chosen by the caller from the loss).
         mode: Accuracy mode (chosen by the caller from the loss).
+        ignore_index: The label of positions accuracy does not count (from the loss).
 
     Raises:
         ConfigError: Unknown name or unsupported object.
@@ -247,9 +270,9 @@ def resolve_metric(
     if isinstance(metric, str):
         top_k = _TOP_K.fullmatch(metric)
         if top_k:
-            return TopKAccuracy(int(top_k.group(1)))
+            return TopKAccuracy(int(top_k.group(1)), ignore_index)
         if metric == "accuracy":
-            return Accuracy(threshold, mode)
+            return Accuracy(threshold, mode, ignore_index)
         if metric not in METRICS:
             raise unknown_name_error("metric", metric, [*METRICS, "top5_accuracy (any k)"])
         return METRICS[metric]()
@@ -329,7 +352,7 @@ def _reset_external(metric: ExternalMetric, device: torch.device) -> None:
         to(device)
 
 
-def check_metric(metric: Metric | ExternalMetric, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+def check_metric(metric: Metric | ExternalMetric, outputs: Any, targets: Any, name: str | None = None) -> None:
     """Run one update of ``metric`` on a probe batch, on a copy, and check its result is one number.
 
     The copy keeps the real accumulator untouched. A torchmetrics-style object is updated and
@@ -337,8 +360,9 @@ def check_metric(metric: Metric | ExternalMetric, outputs: torch.Tensor, targets
 
     Args:
         metric: A resolved metric (``Metric`` or torchmetrics-style object).
-        outputs: The model's outputs on the probe batch.
+        outputs: The model's outputs on the probe batch (as the metric gets them).
         targets: The probe batch's targets.
+        name: The metric's log key (its own name by default).
 
     Raises:
         ConfigError: The metric raised an exception, or gave something other than one number
@@ -355,19 +379,20 @@ def check_metric(metric: Metric | ExternalMetric, outputs: torch.Tensor, targets
           received: per_sample returned tensor of shape (2,), dtype bool
           fix: return a scalar tensor, ...
     """
-    name = metric_name(metric)
+    name = name or metric_name(metric)
     probe = copy.deepcopy(metric)
-    outputs = outputs.detach()
+    outputs = map_tensors(outputs, torch.Tensor.detach)
+    device = next(iter(tensors_of(outputs)), torch.zeros(())).device
     try:
         if isinstance(probe, FunctionMetric):
             # The function's own result, so the message shows what it returned.
             result: Any = probe.fn(outputs, targets)
         elif isinstance(probe, Metric):
-            probe.reset(outputs.device)
+            probe.reset(device)
             probe.update(outputs, targets)
             result = probe.total
         else:
-            _reset_external(probe, outputs.device)
+            _reset_external(probe, device)
             probe.update(outputs, targets)
             result = probe.compute()
     except Exception as error:
@@ -376,8 +401,17 @@ def check_metric(metric: Metric | ExternalMetric, outputs: torch.Tensor, targets
             f"outputs {describe(outputs)}, targets {describe(targets)}",
             METRIC_FIX + ", computed from (outputs, targets).",
         ) from error
-    if scalar_tensor(result, outputs.device) is None:
+    if scalar_tensor(result, device) is None:
         raise unusable_result_error(name, result)
+
+
+class MetricSlot(NamedTuple):
+    """A metric in a ``Tally``: its log key, the accumulator, and how it gets its outputs and
+    targets from the model's (``route(outputs, targets)``; None takes them as they are)."""
+
+    name: str
+    metric: Metric | ExternalMetric
+    route: Route | None = None
 
 
 class Tally:
@@ -387,70 +421,90 @@ class Tally:
     sum to the host in one transfer, optionally reducing them across processes first.
 
     Args:
-        metrics: Fresh accumulators, owned by this tally.
+        metrics: Fresh accumulators, owned by this tally (or ``MetricSlot`` s naming and routing them).
         has_loss: Whether a loss is summed too (``evaluate`` without a loss has none).
         prefix: Prefix of the log keys (``"val_"`` for validation).
+        named_keys: Further values summed per sample, known in advance (each head's loss).
     """
 
-    def __init__(self, metrics: Sequence[Metric | ExternalMetric], *, has_loss: bool = True, prefix: str = "") -> None:
-        self.metrics = list(metrics)
-        self.builtin = [metric for metric in self.metrics if isinstance(metric, Metric)]
-        self.external = [metric for metric in self.metrics if not isinstance(metric, Metric)]
+    def __init__(
+        self,
+        metrics: Sequence[Metric | ExternalMetric | MetricSlot],
+        *,
+        has_loss: bool = True,
+        prefix: str = "",
+        named_keys: Sequence[str] = (),
+    ) -> None:
+        self.slots = [slot if isinstance(slot, MetricSlot) else MetricSlot(metric_name(slot), slot) for slot in metrics]
+        self.metrics = [slot.metric for slot in self.slots]
+        self.builtin = [(slot.name, slot.metric) for slot in self.slots if isinstance(slot.metric, Metric)]
+        self.external = [(slot.name, slot.metric) for slot in self.slots if not isinstance(slot.metric, Metric)]
         self.has_loss = has_loss
         self.prefix = prefix
+        self.named_keys = list(named_keys)
         self.loss_total = torch.zeros((), dtype=torch.float64)
+        self.loss_count: Count = 0  # samples, or counted items when the objective counts items
         self.samples = 0
-        self.named: dict[str, torch.Tensor] = {}  # further values a custom step returns, by name
+        self.named: dict[str, torch.Tensor] = {}  # per-sample values by name: heads' losses, a custom step's
 
     @property
     def keys(self) -> list[str]:
         """The log keys this tally produces, in display order."""
-        names = ["loss"] if self.has_loss else []
-        return [self.prefix + name for name in names + [metric_name(metric) for metric in self.metrics]]
+        names = (["loss"] if self.has_loss else []) + self.named_keys
+        return [self.prefix + name for name in names + [slot.name for slot in self.slots]]
 
     @property
     def fraction_keys(self) -> set[str]:
         """Keys shown as percentages."""
-        return {self.prefix + metric.name for metric in self.builtin if metric.is_fraction}
+        return {self.prefix + name for name, metric in self.builtin if metric.is_fraction}
 
     def reset(self, device: torch.device) -> None:
         """Start a new pass on ``device``."""
         self.loss_total = torch.zeros((), dtype=accumulator_dtype(device), device=device)
+        self.loss_count = 0
         self.samples = 0
-        self.named = {}
-        for metric in self.builtin:
+        self.named = {name: torch.zeros_like(self.loss_total) for name in self.named_keys}
+        for _, metric in self.builtin:
             metric.reset(device)
-        for external in self.external:
+        for _, external in self.external:
             _reset_external(external, device)
 
     def update(
         self,
         loss: torch.Tensor | None,
         outputs: Any,
-        targets: torch.Tensor | None,
+        targets: Any,
         size: int,
         named: Mapping[str, torch.Tensor] | None = None,
+        items: torch.Tensor | None = None,
     ) -> None:
-        """Add one batch. ``loss`` and the ``named`` values are batch means, weighted by ``size``."""
+        """Add one batch. ``loss`` is the batch mean over its ``items`` (device count) when given,
+        else over its ``size`` samples; the ``named`` values are batch means weighted by ``size``."""
         self.samples += size
         if loss is not None:
-            self.loss_total.add_(loss.detach(), alpha=size)
+            if items is None:
+                self.loss_total.add_(loss.detach(), alpha=size)
+                self.loss_count += size
+            else:  # a batch whose every position is ignored has a NaN mean and adds nothing
+                self.loss_total.add_(torch.where(items > 0, loss.detach(), 0) * items)
+                self.loss_count = items.clone() if isinstance(self.loss_count, int) else self.loss_count.add_(items)
         for name, value in named.items() if named else ():
             if name not in self.named:
                 self.named[name] = torch.zeros_like(self.loss_total)
             self.named[name].add_(value.detach().reshape(()), alpha=size)
-        if targets is None or not self.metrics:
+        if targets is None or not self.slots:
             return
-        outputs = outputs.detach()
-        for metric in self.metrics:
-            metric.update(outputs, targets)
+        for slot in self.slots:
+            predicted, expected = (outputs, targets) if slot.route is None else slot.route(outputs, targets)
+            slot.metric.update(map_tensors(predicted, torch.Tensor.detach), expected)
 
     def state_dict(self) -> dict[str, Any]:
         """The running sums (for a mid-epoch checkpoint); torchmetrics objects are not included."""
         return {
             "loss_total": self.loss_total.detach().cpu(),
+            "loss_count": _saved(self.loss_count),
             "samples": self.samples,
-            "metrics": [(metric.total.detach().cpu(), metric.count) for metric in self.builtin],
+            "metrics": [(metric.total.detach().cpu(), _saved(metric.count)) for _, metric in self.builtin],
             "named": {name: total.detach().cpu() for name, total in self.named.items()},
         }
 
@@ -458,10 +512,11 @@ class Tally:
         """Restore ``state_dict`` onto ``device``."""
         self.loss_total = state["loss_total"].to(device)
         self.samples = int(state["samples"])
-        for metric, (total, count) in zip(self.builtin, state["metrics"], strict=True):
-            metric.total, metric.count = total.to(device), int(count)
+        self.loss_count = _loaded(state.get("loss_count", self.samples), device)
+        for (_, metric), (total, count) in zip(self.builtin, state["metrics"], strict=True):
+            metric.total, metric.count = total.to(device), _loaded(count, device)
         self.named = {name: total.to(device) for name, total in state.get("named", {}).items()}
-        for external in self.external:  # not saved: they restart with the resumed part of the epoch
+        for _, external in self.external:  # not saved: they restart with the resumed part of the epoch
             _reset_external(external, device)
 
     def read(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
@@ -473,30 +528,47 @@ class Tally:
         Returns:
             ``{"loss": ..., "<metric>": ...}`` with the prefix applied; NaN when nothing was seen.
         """
-        device = self.loss_total.device
-        counts = torch.tensor(
-            [self.samples] + [metric.count for metric in self.builtin], dtype=self.loss_total.dtype, device=device
-        )
+        device, dtype = self.loss_total.device, self.loss_total.dtype
+        builtin = [metric for _, metric in self.builtin]
+        counts = _stack([self.loss_count, self.samples, *[metric.count for metric in builtin]], dtype, device)
         named = list(self.named.values())
-        sums = torch.stack(
-            [self.loss_total, *[metric.total.to(self.loss_total.dtype) for metric in self.builtin], *named]
-        )
+        sums = torch.stack([self.loss_total, *[metric.total.to(dtype) for metric in builtin], *named])
         packed = torch.cat([sums, counts])
         if reduce is not None:
             packed = reduce(packed)
         values = packed.tolist()
-        totals, counted = values[: len(sums)], values[len(sums) :]
+        totals, (loss_count, samples, *counted) = values[: len(sums)], values[len(sums) :]
         logs: dict[str, float] = {}
         if self.has_loss:
-            logs["loss"] = totals[0] / counted[0] if counted[0] else math.nan
+            logs["loss"] = totals[0] / loss_count if loss_count else math.nan
         for name, total in zip(self.named, totals[len(sums) - len(named) :], strict=True):
-            logs[name] = total / counted[0] if counted[0] else math.nan
+            logs[name] = total / samples if samples else math.nan
         results = {
-            metric.name: metric.finalize(total, count)
-            for metric, total, count in zip(self.builtin, totals[1 : 1 + len(self.builtin)], counted[1:], strict=True)
+            name: metric.finalize(total, count)
+            for (name, metric), total, count in zip(self.builtin, totals[1 : 1 + len(builtin)], counted, strict=True)
         }
-        for external in self.external:
-            results[metric_name(external)] = float(external.compute())
-        for metric in self.metrics:
-            logs[metric_name(metric)] = results[metric_name(metric)]
+        for name, external in self.external:
+            results[name] = float(external.compute())
+        for slot in self.slots:
+            logs[slot.name] = results[slot.name]
         return {self.prefix + key: value for key, value in logs.items()}
+
+
+def _stack(counts: list[Count], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host and device counts as one tensor on ``device`` (one copy for the host ones)."""
+    if all(isinstance(count, int) for count in counts):
+        return torch.tensor(counts, dtype=dtype, device=device)
+    return torch.stack(
+        [
+            count.to(dtype) if isinstance(count, torch.Tensor) else torch.tensor(count, dtype=dtype, device=device)
+            for count in counts
+        ]
+    )
+
+
+def _saved(count: Count) -> Any:
+    return count.detach().cpu() if isinstance(count, torch.Tensor) else count
+
+
+def _loaded(count: Any, device: torch.device) -> Count:
+    return count.to(device) if isinstance(count, torch.Tensor) else int(count)

@@ -7,7 +7,8 @@ Owns: nothing but these conventions. Must not change weights.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import inspect
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """Call ``model`` on a batch's inputs: ``model(*inputs)`` for a tuple, ``model(**inputs)``
-    for a dict, ``model(inputs)`` otherwise.
+    for a dict or any other Mapping (a ``BatchEncoding``), ``model(inputs)`` otherwise.
 
     Example:
         >>> call_model(nn.Identity(), torch.ones(2)).tolist()
@@ -24,9 +25,29 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     """
     if isinstance(inputs, tuple):
         return model(*inputs)
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):
         return model(**inputs)
     return model(inputs)
+
+
+def keyword_names(model: nn.Module) -> set[str] | None:
+    """The keyword arguments ``model.forward`` takes; None when it takes any (``**kwargs``).
+
+    Example:
+        >>> class Tagger(nn.Module):
+        ...     def forward(self, input_ids, attention_mask=None):
+        ...         return input_ids
+        >>> sorted(keyword_names(Tagger()))
+        ['attention_mask', 'input_ids']
+    """
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C-implemented forward: nothing to tell
+        return None
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+        return None
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {parameter.name for parameter in parameters if parameter.kind in keyword}
 
 
 @contextlib.contextmanager

@@ -16,8 +16,8 @@ from trainwell.batches import Batches
 from trainwell.data import Batch
 from trainwell.errors import config_error, describe
 from trainwell.history import History
-from trainwell.losses import LossFn, WeightedLossFn
 from trainwell.metrics import Tally
+from trainwell.objective import Objective
 from trainwell.precision import Precision
 
 Hook = Literal[
@@ -41,13 +41,16 @@ class StepResult(NamedTuple):
     Attributes:
         loss: The batch's mean loss (a device tensor), or None.
         outputs: The model's outputs, for the metrics (None when the step has none).
-        logs: Further named values of the batch (a GAN's ``loss_d``, ``loss_g``), averaged over
-            the epoch's samples and logged like the loss.
+        logs: Further named values of the batch (a GAN's ``loss_d``, ``loss_g``; each head's
+            loss), averaged over the epoch's samples and logged like the loss.
+        items: The items the loss counted (a device tensor), when it is a mean over items
+            (tokens, pixels) rather than samples; None otherwise.
     """
 
     loss: torch.Tensor | None
     outputs: Any = None
     logs: Mapping[str, torch.Tensor] = {}
+    items: torch.Tensor | None = None
 
 
 StepFn = Callable[["Run", Batch], "StepResult | torch.Tensor | Mapping[str, torch.Tensor] | None"]
@@ -120,7 +123,8 @@ class Run:
         model: The model the loop calls (DDP-wrapped when distributed).
         module: The user's own model, unwrapped: what is saved and handed back.
         optimizer: The optimizer (None for evaluate/predict).
-        loss_fn: ``loss_fn(outputs, targets) -> scalar`` (None when no loss is computed).
+        objective: The losses and where they read the outputs and targets (None when no loss
+            is computed, or a custom step computes it).
         train_tally: Running sums of the training loss and metrics in this epoch.
         val_tally: Running sums for validation (or for ``evaluate``).
         precision: Autocast context and grad scaler.
@@ -138,7 +142,6 @@ class Run:
         extra_logs: Values callbacks add during an epoch (e.g. ``lr``); merged into ``logs``.
         stop_training: Set by a callback to end ``fit`` after the current batch.
         seed: Seeds the data order of every epoch.
-        weighted_loss_fn: ``fn(outputs, targets, sample_weights)`` for batches with weights.
         parameters: The trainable parameters (for clipping and accumulation).
         grad_accum_steps: Batches per optimizer step; window_batches / window_samples: the
             batches and the samples (over all processes) accumulated in the current window;
@@ -146,6 +149,9 @@ class Run:
             the weights); window_size: the samples of a full window over all processes
             (0 when the batch size is unknown): the loss of each batch is scaled by it, so that
             accumulated gradients stay at the magnitude of one batch's mean (fp16's range).
+        window_items / item_reference: When the objective counts items: the window's counted
+            items so far on this process (a device tensor; None between windows), and the
+            constant the step divided each batch's weight by.
         callback_states: Saved callback states of a resumed run, given to the callbacks right
             after ``on_fit_start`` (None otherwise).
         clip_grad_norm / clip_grad_value: Gradient clipping before each optimizer step.
@@ -157,7 +163,7 @@ class Run:
     model: nn.Module
     module: nn.Module
     optimizer: torch.optim.Optimizer | None
-    loss_fn: LossFn | None
+    objective: Objective | None
     train_tally: Tally
     val_tally: Tally
     precision: Precision
@@ -181,12 +187,13 @@ class Run:
     extra_logs: dict[str, float] = field(default_factory=dict)
     stop_training: bool = False
     seed: int = 0
-    weighted_loss_fn: WeightedLossFn | None = None
     parameters: list[torch.Tensor] = field(default_factory=list)
     grad_accum_steps: int = 1
     window_batches: int = 0
     window_samples: int = 0
     window_size: int = 0
+    window_items: torch.Tensor | None = None
+    item_reference: float = 1.0
     ends_window: bool = True
     callback_states: dict[str, Any] | None = None
     clip_grad_norm: float | None = None
