@@ -39,3 +39,20 @@ def test_readme_names_the_two_set_up_commands() -> None:
     assert "make demo" in text and "make test" in text
     ci = (README.parent / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_the_structured_models_section_runs_as_written(tmp_path: Path) -> None:
+    text = README.read_text()
+    section = re.search(r"## Hugging Face models, several outputs, padded sequences\n(.*?)\n## ", text, re.DOTALL)
+    assert section is not None
+    blocks = re.findall(r"```python\n(.*?)```", section.group(1), re.DOTALL)
+    checks = [
+        "assert logits.shape == (64, 2) and history.epochs == 1\n",
+        "assert sorted(history) == ['box_mae', 'label_accuracy', 'loss', 'loss_box', 'loss_label']\n",
+        "assert history.epochs == 3 and history['accuracy'][-1] > history['accuracy'][0]\n",
+    ]
+    assert len(blocks) == len(checks)
+    for block, check in zip(blocks, checks, strict=True):
+        result = subprocess.run([sys.executable, "-c", block + check], capture_output=True, text=True, cwd=tmp_path,
+                                timeout=300)  # fmt: skip
+        assert result.returncode == 0, result.stderr

@@ -258,18 +258,23 @@ def test_a_pad_tag_ignored_by_the_loss_is_ignored_by_accuracy_too() -> None:
     assert result["accuracy"] == 1.0
 
 
-def test_accumulated_padded_batches_update_exactly_as_one_big_batch() -> None:
+@pytest.mark.parametrize("weighted", [False, True])
+def test_accumulated_padded_batches_update_exactly_as_one_big_batch(weighted: bool) -> None:
     ids, tags = tagged()
     torch.manual_seed(0)
     accumulated = Tagger()
     big = copy.deepcopy(accumulated)
-    small = tw.fit(accumulated, (ids, tags), loss="cross_entropy", batch_size=8, grad_accum_steps=2, epochs=2,
+    loss: Any = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0])) if weighted else "cross_entropy"
+    small = tw.fit(accumulated, (ids, tags), loss=loss, batch_size=8, grad_accum_steps=2, epochs=2,
                    shuffle=False, lr=0.5, progress=False)  # fmt: skip
-    large = tw.fit(
-        big, (ids, tags), loss="cross_entropy", batch_size=16, epochs=2, shuffle=False, lr=0.5, progress=False
-    )
+    large = tw.fit(big, (ids, tags), loss=loss, batch_size=16, epochs=2, shuffle=False, lr=0.5, progress=False)
     assert same_weights(accumulated, big, atol=1e-6)  # per-sample weighting was off by 0.09
-    assert small["loss"] == pytest.approx(large["loss"], abs=1e-6)  # both: the epoch's token mean
+    assert small["loss"] == pytest.approx(large["loss"], abs=1e-6)  # both: the epoch's (weighted) token mean
+    if weighted:  # a weighted mean: each token counts by its class's weight, as in torch
+        result = tw.evaluate(big, (ids, tags), loss=loss, batch_size=5)
+        with torch.no_grad():
+            expected = loss(big(ids).reshape(-1, 5), tags.reshape(-1))
+        assert result["loss"] == pytest.approx(float(expected), abs=1e-6)
 
 
 def test_segmentation_with_void_pixels() -> None:
@@ -457,3 +462,26 @@ def test_an_iterable_dataset_is_batched_with_batch_size() -> None:
     with pytest.raises(tw.ConfigError, match="val_split needs in-memory data or a Dataset") as error:
         tw.fit(nn.Linear(4, 3), Stream(x, y), loss="cross_entropy", val_split=0.2, progress=False)
     assert "IterableDataset" in str(error.value)
+
+
+def test_a_run_stopped_mid_epoch_on_padded_tokens_resumes_to_the_same_token_means(tmp_path: Any) -> None:
+    ids, tags = tagged()
+
+    def run(directory: Any, **options: Any) -> tuple[tw.History, nn.Module]:
+        torch.manual_seed(0)
+        model = Tagger()
+        history = tw.fit(model, (ids, tags), loss="cross_entropy", metrics=["accuracy"], batch_size=8, epochs=2,
+                         lr=0.5, seed=0, checkpoint_dir=directory, checkpoint_every=1, progress=False, **options)  # fmt: skip
+        return history, model
+
+    golden, expected = run(tmp_path / "golden")
+
+    def crash_at_batch_3(state: tw.Run) -> None:
+        if state.epoch == 0 and state.batches_done == 3:
+            raise RuntimeError("the machine went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        run(tmp_path / "run", callbacks=[tw.LambdaCallback(on_train_batch_end=crash_at_batch_3)])
+    history, model = run(tmp_path / "run", resume=True)
+    assert history["loss"] == golden["loss"] and history["accuracy"] == golden["accuracy"]  # the sums were saved
+    assert same_weights(model, expected, atol=0)

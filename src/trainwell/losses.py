@@ -38,6 +38,8 @@ class LossSpec:
         ignore_index: The class label that marks positions the loss skips (padding, void
             pixels): torch's -100 for ``cross_entropy`` and ``nll``, a loss module's own
             ``ignore_index``; None for losses without one.
+        class_weight: The per-class weights of ``cross_entropy`` or ``nll`` (torch's ``weight``),
+            which make the loss a weighted mean: each position counts by its class's weight.
     """
 
     name: str
@@ -46,6 +48,7 @@ class LossSpec:
     targets: TargetKind
     task: Task
     ignore_index: int | None = None
+    class_weight: torch.Tensor | None = None
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -101,8 +104,11 @@ def resolve_loss(loss: str | LossFn) -> LossSpec:
     known = _MODULE_NAMES.get(type(loss)) if isinstance(loss, nn.Module) else None
     if known is not None:
         base = LOSSES[known]
-        ignore_index = getattr(loss, "ignore_index", None) if base.ignore_index is not None else None
-        return replace(base, fn=loss, ignore_index=ignore_index)
+        if base.targets != "classes":
+            return replace(base, fn=loss)
+        return replace(
+            base, fn=loss, ignore_index=getattr(loss, "ignore_index", None), class_weight=getattr(loss, "weight", None)
+        )
     name = getattr(loss, "__name__", type(loss).__name__)
     return LossSpec(name, loss, "unknown", "unknown", "unknown")
 
@@ -129,12 +135,12 @@ def with_class_weight(spec: LossSpec, class_weight: torch.Tensor) -> LossSpec:
         def weighted(outputs: torch.Tensor, targets: torch.Tensor, **options: Any) -> torch.Tensor:
             return base(outputs, targets, weight=class_weight, **options)
 
-    else:
+        return replace(spec, fn=weighted, class_weight=class_weight)
 
-        def weighted(outputs: torch.Tensor, targets: torch.Tensor, **options: Any) -> torch.Tensor:
-            return base(outputs, targets, weight=class_weight[(targets > 0.5).long()], **options)
+    def per_element(outputs: torch.Tensor, targets: torch.Tensor, **options: Any) -> torch.Tensor:
+        return base(outputs, targets, weight=class_weight[(targets > 0.5).long()], **options)
 
-    return replace(spec, fn=weighted)
+    return replace(spec, fn=per_element)
 
 
 def sample_weighted(spec: LossSpec) -> WeightedLossFn:

@@ -23,6 +23,7 @@ from trainwell.metrics import (
     FunctionMetric,
     Metric,
     MetricSlot,
+    Route,
     metric_name,
     resolve_metric,
 )
@@ -30,7 +31,6 @@ from trainwell.outputs import WHOLE, OutputChoice, Selector, entries, outline, o
 
 LossArg = str | LossFn
 HeadKey = str | int
-Route = Callable[[Any, Any], tuple[Any, Any]]
 
 
 class Structured:
@@ -103,10 +103,6 @@ class LossOptions:
     def loss_keys(self) -> list[str]:
         """The loss log keys: ``loss``, then ``loss_<head>`` per named head with a loss."""
         return ["loss"] + [f"loss_{head.name}" for head in self.heads if head.name and head.spec is not None]
-
-    def head(self, name: str) -> HeadOptions:
-        """The head called ``name``."""
-        return next(head for head in self.heads if head.name == name)
 
 
 def head_name(key: HeadKey) -> str:
@@ -310,10 +306,15 @@ class Objective:
         return LossParts(total, {key: value.detach() for key, value in named.items()}, items)
 
     def items(self, targets: Any) -> torch.Tensor:
-        """Counted items of a batch: the labels that are not ``ignore_index`` (a device tensor)."""
+        """Counted items of a batch (a device tensor): the labels that are not ``ignore_index``,
+        each by its class's weight when the loss has class weights (a weighted mean divides by them)."""
         labels: torch.Tensor = self.heads[0].target(targets)
         assert self.ignore_index is not None
-        return labels.ne(self.ignore_index).sum()
+        counted = labels.ne(self.ignore_index)
+        spec = self.heads[0].spec
+        if spec is None or spec.class_weight is None:
+            return counted.sum()
+        return (spec.class_weight[torch.where(counted, labels, 0)] * counted).sum()
 
     def route(self, head: Head) -> Route | None:
         """How a metric of ``head`` gets its outputs and targets (None: as they are)."""
