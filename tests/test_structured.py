@@ -115,6 +115,20 @@ def test_a_bert_classifier_trains_on_its_own_loss_from_dict_batches_as_the_hf_co
     assert evaluated["accuracy"] == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
 
 
+def test_return_dict_false_gives_loss_and_logits_as_a_tuple_which_is_read_the_same_way() -> None:
+    ids, mask = padded()
+    labels = torch.arange(24) % 3
+    data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    model, reference = bert(), bert()
+    model.config.return_dict = False
+    assert isinstance(model(**chunks(data, 8)[0]), tuple)
+    with pytest.warns(tw.TrainwellWarning, match=r"training on its own loss \(outputs\[0\]\); metrics read outputs\[1\]"):
+        history = tw.fit(model, data, metrics=["accuracy"], batch_size=8, shuffle=False, progress=False)
+    expected = hand_loop(reference, chunks(data, 8), lambda m, batch: (m(**batch).loss, 8))
+    assert history["loss"] == pytest.approx(expected, abs=1e-6)
+    assert same_weights(model, reference)
+
+
 def test_a_bert_classifier_with_inputs_and_labels_and_a_named_loss() -> None:
     ids, mask = padded()
     labels = torch.arange(24) % 3

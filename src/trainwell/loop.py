@@ -193,17 +193,16 @@ def optimizer_step(run: Run) -> None:
     assert run.optimizer is not None
     scaler = run.precision.scaler
     scaler.unscale_(run.optimizer)
-    gradients = [parameter.grad for parameter in run.parameters if parameter.grad is not None]
+    reference = run.window_size or 1  # what train_step divided each batch's weight by
     if run.window_items is not None:
         items = run.window_items.reshape(1).to(torch.float64)
         if run.reduce is not None:
             items = run.reduce(items)
-        torch._foreach_mul_(gradients, (run.item_reference / items.clamp_min(1)).to(torch.float32).reshape(()))
+        factor = (run.item_reference / items.clamp_min(1)).to(torch.float32).reshape(())
+        torch._foreach_mul_(_gradients(run), factor)
         run.window_items = None
-    else:
-        reference = run.window_size or 1  # what train_step divided each batch's weight by
-        if run.grad_accum_steps > 1 and run.window_samples and run.window_samples != reference:
-            torch._foreach_mul_(gradients, reference / run.window_samples)
+    elif run.grad_accum_steps > 1 and run.window_samples and run.window_samples != reference:
+        torch._foreach_mul_(_gradients(run), reference / run.window_samples)
     if run.clip_grad_value is not None:
         nn.utils.clip_grad_value_(run.parameters, run.clip_grad_value, foreach=True)
     if run.clip_grad_norm is not None:
@@ -212,6 +211,10 @@ def optimizer_step(run: Run) -> None:
     scaler.step(run.optimizer)
     scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
+
+
+def _gradients(run: Run) -> list[torch.Tensor]:
+    return [parameter.grad for parameter in run.parameters if parameter.grad is not None]
 
 
 def eval_epoch(run: Run, batches: Batches, tally: Tally) -> dict[str, float]:

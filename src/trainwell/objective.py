@@ -384,8 +384,8 @@ def _single_head(options: LossOptions, outputs: Any, targets: Any, notes: list[s
     if selector is not WHOLE and options.output is None:
         if options.own_loss and own_loss(outputs) is not None:
             notes.append(
-                f"The model returns {outline(outputs)}: training on its own loss (outputs['loss']); metrics read "
-                f"{selector.description}."
+                f"The model returns {outline(outputs)}: training on its own loss ({_loss_entry(outputs)}); metrics "
+                f"read {selector.description}."
             )
         elif spec is not None:
             ignored = " (its own loss is not used: loss= overrides it)" if own_loss(outputs) is not None else ""
@@ -394,6 +394,10 @@ def _single_head(options: LossOptions, outputs: Any, targets: Any, notes: list[s
                 "name another output with output=."
             )
     return Head("", selector, WHOLE, spec, class_last=class_last)
+
+
+def _loss_entry(outputs: Any) -> str:
+    return "outputs[0]" if isinstance(outputs, (tuple, list)) else "outputs['loss']"
 
 
 def _class_last(prediction: torch.Tensor, targets: torch.Tensor, notes: list[str]) -> bool:

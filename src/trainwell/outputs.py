@@ -113,7 +113,8 @@ def _by_rule(outputs: Any) -> Selector:
     if isinstance(outputs, torch.Tensor):
         return WHOLE
     if isinstance(outputs, (tuple, list)) and outputs:
-        return Selector(0, description="outputs[0]")
+        first = 1 if _leading_loss(outputs) is not None else 0
+        return Selector(first, description=f"outputs[{first}]")
     named = entries(outputs)
     if isinstance(named.get("logits"), torch.Tensor):
         return Selector("logits", description="outputs['logits']")
@@ -128,16 +129,30 @@ def _by_rule(outputs: Any) -> Selector:
 
 
 def own_loss(outputs: Any) -> torch.Tensor | None:
-    """The loss a model computed itself (its outputs' ``loss`` entry), or None.
+    """The loss a model computed itself, or None: its outputs' ``loss`` entry, or the first
+    element of a tuple that starts with one number, ``(loss, logits, ...)``, as Hugging Face
+    models return it with ``return_dict=False``.
 
     Example:
         >>> own_loss({"loss": torch.tensor(0.5), "logits": torch.ones(1)}).item()
         0.5
+        >>> own_loss((torch.tensor(0.5), torch.ones(4, 2))).item()
+        0.5
         >>> own_loss(torch.ones(1)) is None
         True
     """
+    if isinstance(outputs, (tuple, list)):
+        return _leading_loss(outputs)
     value = entries(outputs).get(_SKIPPED)
     return value if isinstance(value, torch.Tensor) else None
+
+
+def _leading_loss(outputs: tuple[Any, ...] | list[Any]) -> torch.Tensor | None:
+    """A tuple's first element when it is one number followed by batched tensors: ``(loss, logits)``."""
+    first = outputs[0]
+    if not isinstance(first, torch.Tensor) or first.dim() != 0 or len(outputs) < 2:
+        return None
+    return first if isinstance(outputs[1], torch.Tensor) and outputs[1].dim() > 0 else None
 
 
 def for_predict(outputs: Any) -> Any:
