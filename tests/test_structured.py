@@ -122,7 +122,9 @@ def test_return_dict_false_gives_loss_and_logits_as_a_tuple_which_is_read_the_sa
     model, reference = bert(), bert()
     model.config.return_dict = False
     assert isinstance(model(**chunks(data, 8)[0]), tuple)
-    with pytest.warns(tw.TrainwellWarning, match=r"training on its own loss \(outputs\[0\]\); metrics read outputs\[1\]"):
+    with pytest.warns(
+        tw.TrainwellWarning, match=r"training on its own loss \(outputs\[0\]\); metrics read outputs\[1\]"
+    ):
         history = tw.fit(model, data, metrics=["accuracy"], batch_size=8, shuffle=False, progress=False)
     expected = hand_loop(reference, chunks(data, 8), lambda m, batch: (m(**batch).loss, 8))
     assert history["loss"] == pytest.approx(expected, abs=1e-6)

@@ -8,8 +8,9 @@ Order of events in ``fit_loop`` (a test asserts it):
   2. for each epoch from ``run.start_epoch`` to ``run.epochs - 1``:
      1. ``on_epoch_start``
      2. for each training batch: ``on_train_batch_start``; the step (forward and loss under
-        autocast, backward weighted for accumulation and sharding; when the batch ends an
-        accumulation window: unscale, divide, clip, ``on_before_optimizer_step``, optimizer
+        autocast, backward weighted by the batch's samples or counted items for accumulation
+        and sharding; when the batch ends an accumulation window: unscale, divide by the
+        window's samples or items, clip, ``on_before_optimizer_step``, optimizer
         step, zero_grad); the loop's accounting (``run.loss``, device-side sums, counters);
         ``on_train_batch_end``; leave the epoch if ``run.stop_training``
      3. the optimizer step of a window left open (training stopped inside it, or data of

@@ -27,7 +27,7 @@ from trainwell.metrics import (
     metric_name,
     resolve_metric,
 )
-from trainwell.outputs import WHOLE, OutputChoice, Selector, entries, outline, own_loss, resolve_output
+from trainwell.outputs import WHOLE, OutputChoice, Selector, find_entry, outline, own_loss, resolve_output
 
 LossArg = str | LossFn
 HeadKey = str | int
@@ -207,7 +207,8 @@ class Head:
         weight: Its factor in the total loss.
         class_last: Outputs (N, ..., C) against targets (N, ...): both are flattened to (M, C)
             and (M,) for a named classification loss and the metrics.
-        loss_fn / weighted_fn: The loss on the head's view, unweighted and with sample weights.
+        is_structured: The loss gets the whole outputs and targets (``trainwell.structured``).
+        weighted_fn: The loss with per-sample weights, for data that carries them.
     """
 
     name: str
@@ -351,10 +352,6 @@ def build_objective(
         _single_head(options, outputs, targets, notes) if option.key is None else _keyed_head(option, outputs, targets)
         for option in options.heads
     )
-    if has_weights:
-        heads = tuple(
-            replace(head, weighted_fn=sample_weighted(head.spec)) if head.spec is not None else head for head in heads
-        )
     has_own = options.own_loss and own_loss(outputs) is not None
     objective = Objective(heads, own_loss=has_own, notes=notes)
     if options.own_loss and not has_own and needs_loss:
@@ -432,11 +429,9 @@ def _keyed_head(option: HeadOptions, outputs: Any, targets: Any) -> Head:
 
 
 def _find(structure: Any, key: HeadKey, role: str) -> Selector:
-    named = entries(structure)
-    if isinstance(key, str) and key in named:
-        return Selector(key, description=f"{role}[{key!r}]")
-    if isinstance(key, int) and isinstance(structure, (tuple, list)) and -len(structure) <= key < len(structure):
-        return Selector(key, description=f"{role}[{key}]")
+    found = find_entry(structure, key, role)
+    if found is not None:
+        return found
     raise data_error(
         f"A loss or metric names the output head {key!r}, which the {role} do not have.",
         f"the {role} are {outline(structure)}",

@@ -97,16 +97,31 @@ def _by_choice(outputs: Any, choice: str | int | Callable[[Any], Any]) -> Select
             f"output={choice!r}",
             "pass e.g. output='logits', output=0 or output=lambda outputs: outputs.start_logits.",
         )
-    named = entries(outputs)
-    if isinstance(choice, str) and choice in named:
-        return Selector(choice, description=f"outputs[{choice!r}]")
-    if isinstance(choice, int) and isinstance(outputs, (tuple, list)) and -len(outputs) <= choice < len(outputs):
-        return Selector(choice, description=f"outputs[{choice}]")
+    found = find_entry(outputs, choice)
+    if found is not None:
+        return found
     raise config_error(
         f"output={choice!r} names nothing in the model's outputs.",
         f"the model returns {outline(outputs)}",
         "pass one of its keys or positions, or a function of the outputs.",
     )
+
+
+def find_entry(structure: Any, key: str | int, role: str = "outputs") -> Selector | None:
+    """The selector of entry ``key`` (a key of a Mapping or dataclass, a position of a tuple) of
+    ``structure``; None when it has no such entry.
+
+    Example:
+        >>> find_entry({"box": torch.ones(1)}, "box", "targets").description
+        "targets['box']"
+        >>> find_entry((torch.ones(1),), 1) is None
+        True
+    """
+    if isinstance(key, str) and key in entries(structure):
+        return Selector(key, description=f"{role}[{key!r}]")
+    if isinstance(key, int) and isinstance(structure, (tuple, list)) and -len(structure) <= key < len(structure):
+        return Selector(key, description=f"{role}[{key}]")
+    return None
 
 
 def _by_rule(outputs: Any) -> Selector:
