@@ -257,9 +257,9 @@ SEAMS = textwrap.dedent(
             return self.out(torch.tanh(self.embedding(ids)))
 
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 12, (48, 7), generator=generator)
-    tags = torch.randint(0, 4, (48, 7), generator=generator)
-    padding = torch.arange(7)[None, :] >= torch.randint(1, 8, (48, 1), generator=generator)
+    ids = torch.randint(1, 12, (49, 7), generator=generator)  # the last step: one sample, a placeholder on rank 1
+    tags = torch.randint(0, 4, (49, 7), generator=generator)
+    padding = torch.arange(7)[None, :] >= torch.randint(1, 8, (49, 1), generator=generator)
     ids[padding], tags[padding] = 0, -100
     for accumulation in (1, 2):
         torch.manual_seed(0)

@@ -501,3 +501,59 @@ def test_a_run_stopped_mid_epoch_on_padded_tokens_resumes_to_the_same_token_mean
     history, model = run(tmp_path / "run", resume=True)
     assert history["loss"] == golden["loss"] and history["accuracy"] == golden["accuracy"]  # the sums were saved
     assert same_weights(model, expected, atol=0)
+
+
+def test_a_causal_lm_s_own_loss_counts_the_labels_it_scores() -> None:
+    """GPT-2 shifts its labels itself: the probe tells, and the epoch mean counts labels[:, 1:]."""
+    ids, mask = padded(samples=12, vocabulary=30)
+    labels = torch.where(mask.bool(), ids, -100)
+    model = gpt2()
+    data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    with pytest.warns(tw.TrainwellWarning):
+        result = tw.evaluate(model, data, metrics=["accuracy"], batch_size=5)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    following = labels[:, 1:]
+    counted = following != -100
+    expected = functional.cross_entropy(logits.reshape(-1, 30), following.reshape(-1))
+    assert result["loss"] == pytest.approx(float(expected), abs=1e-5)  # the model upcasts to float itself
+    assert result["accuracy"] == pytest.approx(float((logits.argmax(-1)[counted] == following[counted]).float().mean()))
+
+
+def test_metrics_alone_skip_torch_s_ignored_label() -> None:
+    ids, tags = tagged(samples=16)
+    model = Tagger()
+    result = tw.evaluate(model, (ids, tags), metrics=["accuracy"])
+    with torch.no_grad():
+        predicted = model(ids).argmax(-1)
+    counted = tags != -100
+    assert result["accuracy"] == pytest.approx(float((predicted[counted] == tags[counted]).float().mean()))
+
+
+def test_a_batch_with_every_position_ignored_counts_for_nothing_and_stops_nothing() -> None:
+    ids, tags = tagged(samples=16)
+    tags[:8] = -100  # the whole first batch is padding
+    torch.manual_seed(0)
+    model = Tagger()
+    history = tw.fit(model, (ids, tags), loss="cross_entropy", batch_size=8, shuffle=False, epochs=2, progress=False)
+    assert history.epochs == 2 and all(value == value for value in history["loss"])  # no NaN, not stopped
+
+
+def test_validation_data_with_sample_weights_and_a_validation_split_by_a_named_key() -> None:
+    x, y = blobs(samples=40)
+    weights = torch.rand(40)
+    history = tw.fit(nn.Linear(4, 3), (x, y), loss="cross_entropy", val=(x, y, weights), progress=False)
+    assert "val_loss" in history
+
+    class Named(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x)
+
+    history = tw.fit(Named(), {"x": x, "label": y}, loss="cross_entropy", target_key="label", val_split=0.25,
+                     metrics=["accuracy"], progress=False)  # fmt: skip
+    assert "val_accuracy" in history

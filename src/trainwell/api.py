@@ -54,7 +54,6 @@ from trainwell.objective import (
     plain_objective,
     resolve_loss_options,
     resolve_metrics,
-    with_sample_weights,
 )
 from trainwell.optimizers import OPTIMIZERS, build_optimizer, check_lr, check_step_without_closure
 from trainwell.outputs import OutputChoice, Selector, for_predict, resolve_output
@@ -210,7 +209,7 @@ def fit(
     seed = _resolve_seed(seed, state, job)
     dtype = float_dtype(model)
     if val_split:
-        train, val = split_validation(train, val_split, seed, dtype)
+        train, val = split_validation(train, val_split, seed, dtype, target_key)
     train_batches = to_batches(train, batch_size=batch_size, shuffle=shuffle, seed=seed, device=target, dtype=dtype,
                                target_key=target_key)  # fmt: skip
     val_batches = None
@@ -226,7 +225,7 @@ def fit(
 
     everything = [*callbacks, *_built_in_callbacks(options, train_batches, val_batches is not None, target),
                   *_display(progress, job)]  # fmt: skip
-    train_tally, val_tally = (_tally(metrics, objective, loss_options, prefix) for prefix in ("", "val_"))
+    train_tally, val_tally = (_tally(metrics, objective, loss_options, prefix, step is None) for prefix in ("", "val_"))
     runnable = cast(nn.Module, torch.compile(model)) if compile else model
     run = Run(
         model=runnable if job is None else distributed.wrap(runnable, target),
@@ -413,11 +412,11 @@ def _with_class_weight(options: LossOptions | None, class_weight: torch.Tensor) 
     Raises:
         ConfigError: No loss, several heads, or a loss without classes.
     """
-    head = None if options is None or options.has_heads else options.heads[0]
+    head = None if options is None or options.heads[0].key is not None else options.heads[0]
     if options is None or head is None or head.spec is None:
         raise config_error(
             "class_weight needs one classification loss.",
-            f"class_weight with loss={'None' if head is None or head.spec is None else 'given per head'}",
+            f"class_weight with loss={'None' if options is None or head is not None else 'given per head'}",
             "pass loss='cross_entropy' (or another named loss); weigh a head's classes with "
             "torch.nn.CrossEntropyLoss(weight=...).",
         )
@@ -479,15 +478,16 @@ def _prepare(
             val.repair(repair)
         val.lay_out(Layout(rank, world, lockstep=False))
         notes += checked.notes
-        if checked.has_weights and objective is not None and not diagnosis.has_weights:
-            objective = with_sample_weights(objective)
+        objective = checked.objective or objective  # with sample weights when the validation data has them
     return notes, objective
 
 
-def _tally(metrics: Metrics, objective: Objective | None, options: LossOptions | None, prefix: str = "") -> Tally:
-    """Fresh sums for one pass: the losses (each head's too) and the metrics."""
+def _tally(
+    metrics: Metrics, objective: Objective | None, options: LossOptions | None, prefix: str = "", heads: bool = True
+) -> Tally:
+    """Fresh sums for one pass: the losses (each head's too, unless a custom step computes them) and the metrics."""
     has_loss = objective.has_loss if objective is not None else options is not None
-    named = options.loss_keys[1:] if options is not None and has_loss else []
+    named = options.loss_keys[1:] if options is not None and has_loss and heads else []
     return Tally(resolve_metrics(metrics, objective, options), has_loss=has_loss, prefix=prefix, named_keys=named)
 
 

@@ -277,7 +277,9 @@ def _array_count(structure: Any) -> int:
     return len(structure) if isinstance(structure, (Mapping, tuple, list)) else 0
 
 
-def split_validation(data: Any, fraction: float, seed: int, dtype: torch.dtype) -> tuple[Any, Any]:
+def split_validation(
+    data: Any, fraction: float, seed: int, dtype: torch.dtype, target_key: str | None = TARGET_KEY
+) -> tuple[Any, Any]:
     """Hold out ``fraction`` of ``data`` (a random subset, reproducible from ``seed``).
 
     Returns:
@@ -286,7 +288,7 @@ def split_validation(data: Any, fraction: float, seed: int, dtype: torch.dtype) 
     Raises:
         ConfigError: Data that cannot be split (a DataLoader or iterable of batches).
     """
-    in_memory = as_in_memory(data, dtype)
+    in_memory = as_in_memory(data, dtype, target_key)
     sized = isinstance(data, Dataset) and hasattr(data, "__len__")
     total = len(in_memory) if in_memory is not None else len(data) if sized else None
     if total is None:

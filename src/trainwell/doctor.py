@@ -24,7 +24,14 @@ from trainwell.errors import data_error, describe
 from trainwell.losses import LossSpec, check_loss_inputs
 from trainwell.metrics import Accuracy, MetricSlot, TopKAccuracy, check_metric
 from trainwell.models import call_model, float_dtype, keyword_names, probing
-from trainwell.objective import LossOptions, Metrics, Objective, build_objective, resolve_metrics
+from trainwell.objective import (
+    LossOptions,
+    Metrics,
+    Objective,
+    build_objective,
+    resolve_metrics,
+    with_sample_weights,
+)
 from trainwell.outputs import outline, resolve_output
 from trainwell.structures import map_tensors, named_tensors, tensors_of
 
@@ -115,6 +122,8 @@ def examine(
         all_targets = None if memory is None else memory.targets
         for repair in diagnosis.repairs if all_targets is not None else []:  # as training will see them
             all_targets = repair(Batch(None, all_targets, 0)).targets
+        if objective is not None and diagnosis.has_weights and not objective.weighs_samples:
+            objective = with_sample_weights(objective)  # validation data may carry weights that training has not
         if objective is None:
             objective = build_objective(
                 options, outputs, sample.targets, all_targets=all_targets, has_weights=diagnosis.has_weights,
@@ -345,18 +354,19 @@ def _check_heads(
 
 
 def _check_loss_value(objective: Objective, outputs: Any, sample: Batch, role: str) -> None:
-    names = ", ".join(head.spec.name for head in objective.heads if head.spec is not None) or "the model's own loss"
+    names = ", ".join(head.spec.name for head in objective.heads if head.spec is not None)
+    names = f"The loss {names}" if names else "The model's own loss"
     try:
         value = objective.losses(outputs, sample.targets, sample.weights).loss
     except (RuntimeError, ValueError, IndexError, TypeError, KeyError, AttributeError) as error:
         raise data_error(
-            f"The loss {names} failed on a sample of the {role}: {error}",
+            f"{names} failed on a sample of the {role}: {error}",
             f"outputs {outline(outputs)}, targets {describe(sample.targets)}",
             "make the targets match what the loss expects (see the loss's documentation).",
         ) from error
-    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+    if not isinstance(value, torch.Tensor) or value.dim() != 0:
         raise data_error(
-            f"The loss {names} must return a scalar tensor (the batch mean).",
+            f"{names} must return a scalar tensor (the batch mean).",
             describe(value),
             "reduce it with .mean(), or use reduction='mean' for torch loss modules.",
         )
@@ -400,7 +410,8 @@ def _check_accuracy(name: str, metric: Accuracy | TopKAccuracy, outputs: Any, ta
         raise data_error(
             f"{name} needs class targets, but the targets are continuous values (a regression task).",
             f"targets {describe(targets)}, e.g. {float(targets.flatten()[0]):.4g}",
-            "use metrics=['mae'], ['mse'] or ['rmse'] for regression.",
+            "use metrics=['mae'], ['mse'] or ['rmse'] for regression (with several heads, give the metrics per "
+            "head: metrics={'label': ['accuracy'], 'box': ['mae']}).",
         )
     if isinstance(metric, TopKAccuracy) and (outputs.dim() < 2 or outputs.shape[1] < 2):
         raise data_error(

@@ -109,7 +109,7 @@ def _account(run: Run, batch: Batch, result: StepResult) -> None:
     if result.outputs is None and run.train_tally.slots and batch.targets is not None:
         raise config_error(
             "The training step returned no outputs, so the metrics cannot be computed.",
-            f"metrics {', '.join(run.train_tally.keys[1:])} with a custom step",
+            f"metrics {', '.join(slot.name for slot in run.train_tally.slots)} with a custom step",
             "return trainwell.StepResult(loss, outputs) from the step, or drop the metrics.",
         )
     if batch.size:  # a process's placeholder in a ragged last step counts for nothing
@@ -136,7 +136,8 @@ def train_step(run: Run, batch: Batch) -> StepResult:
     batch counts by its size; a window that is not full is corrected in ``optimizer_step``).
     When the objective counts items (tokens with ignored positions), a batch is weighted by its
     counted items instead, and ``optimizer_step`` divides by the window's items over all
-    processes (a device count, summed with the gradients' reduction: nothing is read back).
+    processes (a device count: one small all-reduce per optimizer step under torchrun, nothing
+    read back to the host with NCCL).
     Batches that do not end a window skip DDP's all-reduce. Never reads a device value.
 
     A custom step (``fit(step=...)``) gets the same ``(run, batch)`` and does the whole update
@@ -156,7 +157,10 @@ def train_step(run: Run, batch: Batch) -> StepResult:
         parts = run.objective.losses(outputs, batch.targets, batch.weights)
     loss = parts.loss
     run.loss = loss.detach()  # what TerminateOnNaN checks before the optimizer step
-    weight = _loss_weight(run, batch, parts.items)
+    items = parts.items
+    if items is not None and not batch.size:  # a placeholder in a ragged last step counts for nothing
+        items = torch.zeros_like(items)
+    weight = _loss_weight(run, batch, items)
     scaled = run.precision.scaler.scale(loss if isinstance(weight, float) and weight == 1 else loss * weight)
     if run.ends_window:
         scaled.backward()  # type: ignore[no-untyped-call]
@@ -164,7 +168,7 @@ def train_step(run: Run, batch: Batch) -> StepResult:
     else:
         with distributed.deferred_sync(run.model):
             scaled.backward()  # type: ignore[no-untyped-call]
-    return StepResult(loss, outputs, parts.named, parts.items)
+    return StepResult(loss, outputs, parts.named, items)
 
 
 def _loss_weight(run: Run, batch: Batch, items: torch.Tensor | None) -> float | torch.Tensor:
@@ -199,7 +203,7 @@ def optimizer_step(run: Run) -> None:
         items = run.window_items.reshape(1).to(torch.float64)
         if run.reduce is not None:
             items = run.reduce(items)
-        factor = (run.item_reference / items.clamp_min(1)).to(torch.float32).reshape(())
+        factor = torch.where(items > 0, run.item_reference / items, 0).to(torch.float32).reshape(())
         torch._foreach_mul_(_gradients(run), factor)
         run.window_items = None
     elif run.grad_accum_steps > 1 and run.window_samples and run.window_samples != reference:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from trainwell.errors import config_error, describe, unknown_name_error
-from trainwell.structures import map_tensors, sample_count, tensors_of
+from trainwell.structures import sample_count, tensors_of
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Count = int | torch.Tensor  # a host count, or a device count (positions that are not ignored)
@@ -381,7 +381,6 @@ def check_metric(metric: Metric | ExternalMetric, outputs: Any, targets: Any, na
     """
     name = name or metric_name(metric)
     probe = copy.deepcopy(metric)
-    outputs = map_tensors(outputs, torch.Tensor.detach)
     device = next(iter(tensors_of(outputs)), torch.zeros(())).device
     try:
         if isinstance(probe, FunctionMetric):
@@ -436,7 +435,6 @@ class Tally:
         named_keys: Sequence[str] = (),
     ) -> None:
         self.slots = [slot if isinstance(slot, MetricSlot) else MetricSlot(metric_name(slot), slot) for slot in metrics]
-        self.metrics = [slot.metric for slot in self.slots]
         self.builtin = [(slot.name, slot.metric) for slot in self.slots if isinstance(slot.metric, Metric)]
         self.external = [(slot.name, slot.metric) for slot in self.slots if not isinstance(slot.metric, Metric)]
         self.has_loss = has_loss
@@ -485,18 +483,19 @@ class Tally:
             if items is None:
                 self.loss_total.add_(loss.detach(), alpha=size)
                 self.loss_count += size
-            else:  # a batch whose every position is ignored has a NaN mean and adds nothing
-                self.loss_total.add_(torch.where(items > 0, loss.detach(), 0) * items)
-                self.loss_count = items.clone() if isinstance(self.loss_count, int) else self.loss_count.add_(items)
+            else:
+                self.loss_total.add_(loss.detach() * items)
+                self.loss_count = self.loss_count + items
         for name, value in named.items() if named else ():
             if name not in self.named:
                 self.named[name] = torch.zeros_like(self.loss_total)
             self.named[name].add_(value.detach().reshape(()), alpha=size)
         if targets is None or not self.slots:
             return
-        for slot in self.slots:
-            predicted, expected = (outputs, targets) if slot.route is None else slot.route(outputs, targets)
-            slot.metric.update(map_tensors(predicted, torch.Tensor.detach), expected)
+        with torch.no_grad():
+            for slot in self.slots:
+                predicted, expected = (outputs, targets) if slot.route is None else slot.route(outputs, targets)
+                slot.metric.update(predicted, expected)
 
     def state_dict(self) -> dict[str, Any]:
         """The running sums (for a mid-epoch checkpoint); torchmetrics objects are not included."""

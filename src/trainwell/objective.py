@@ -14,8 +14,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import torch
+from torch.nn import functional
 
-from trainwell.errors import config_error, data_error, describe
+from trainwell.errors import ConfigError, config_error, data_error, describe
 from trainwell.losses import LossFn, LossSpec, WeightedLossFn, binary_threshold, resolve_loss, sample_weighted
 from trainwell.metrics import (
     AccuracyMode,
@@ -127,7 +128,8 @@ def resolve_loss_options(
     Raises:
         ConfigError: Unknown loss names, weights that name no head, weights without heads.
     """
-    if isinstance(loss, Mapping) or (isinstance(loss, (list, tuple)) and not isinstance(loss, str)):
+    _check_output(output)
+    if isinstance(loss, (Mapping, list, tuple)):
         items = list(loss.items()) if isinstance(loss, Mapping) else list(enumerate(loss))
         if not items:
             raise config_error("loss has no head.", f"loss={loss!r}", "pass e.g. loss={'label': 'cross_entropy'}.")
@@ -156,6 +158,15 @@ def resolve_loss_options(
         return LossOptions((HeadOptions("", None, None), *metric_only), output, own_loss=True)
     single = _head(None, loss, 1.0)  # type: ignore[arg-type]  # a str or callable: the others returned above
     return LossOptions((single, *metric_only), output)
+
+
+def _check_output(output: OutputChoice) -> None:
+    if output is not None and (isinstance(output, bool) or not (isinstance(output, (str, int)) or callable(output))):
+        raise config_error(
+            "output must name one of the model's outputs: a key, a position, or a function of the outputs.",
+            f"output={output!r}",
+            "pass e.g. output='logits', output=0 or output=lambda outputs: outputs.start_logits.",
+        )
 
 
 def _head(key: HeadKey | None, loss: LossArg, weight: float) -> HeadOptions:
@@ -209,6 +220,8 @@ class Head:
             and (M,) for a named classification loss and the metrics.
         is_structured: The loss gets the whole outputs and targets (``trainwell.structured``).
         weighted_fn: The loss with per-sample weights, for data that carries them.
+        shift: The model's own loss scores position t against label t + 1 (a causal language
+            model shifts its labels itself): metrics and counted items do the same.
     """
 
     name: str
@@ -219,10 +232,13 @@ class Head:
     class_last: bool = False
     is_structured: bool = False
     weighted_fn: WeightedLossFn | None = None
+    shift: bool = False
 
     def view(self, outputs: Any, targets: Any) -> tuple[Any, Any]:
         """The head's outputs and targets as its named loss and its metrics read them."""
         prediction, selected = self.output(outputs), None if targets is None else self.target(targets)
+        if self.shift:
+            prediction, selected = prediction[:, :-1], None if selected is None else selected[:, 1:]
         if self.class_last:
             prediction = prediction.flatten(0, -2)
             selected = None if selected is None else selected.flatten()
@@ -269,15 +285,20 @@ class Objective:
 
     def __post_init__(self) -> None:
         # The common case, once per step: one loss on the outputs and targets as they are.
-        head = self.heads[0] if len(self.heads) == 1 else None
-        plain = head is not None and head.spec is not None and not (self.own_loss or self.counts_items)
-        if plain and head is not None and head.spec is not None and head.output is WHOLE and not head.class_last:
+        head = self.heads[0]
+        plain = len(self.heads) == 1 and not (self.own_loss or self.counts_items or head.class_last)
+        if plain and head.spec is not None and head.output is WHOLE:
             object.__setattr__(self, "_direct", head.spec.fn)
 
     @property
     def has_loss(self) -> bool:
         """A loss is computed (from a loss function or the model's own)."""
         return self.own_loss or any(head.spec is not None for head in self.heads)
+
+    @property
+    def weighs_samples(self) -> bool:
+        """The losses take per-sample weights."""
+        return any(head.weighted_fn is not None for head in self.heads)
 
     def losses(self, outputs: Any, targets: Any, weights: torch.Tensor | None = None) -> LossParts:
         """The batch's total loss, each head's loss, and its counted items.
@@ -287,7 +308,14 @@ class Objective:
         """
         if self._direct is not None and weights is None:
             return LossParts(self._direct(outputs, targets), {}, None)
-        items = self.items(targets) if self.counts_items else None
+        if self.counts_items:  # a batch with no counted position has a NaN mean: it counts as 0
+            parts = self._losses(outputs, targets, weights)
+            items = self.items(targets)
+            return LossParts(torch.where(items > 0, parts.loss, 0), parts.named, items)
+        return self._losses(outputs, targets, weights)
+
+    def _losses(self, outputs: Any, targets: Any, weights: torch.Tensor | None) -> LossParts:
+        items = None
         if self.own_loss:
             value = own_loss(outputs)
             if value is None:
@@ -309,7 +337,10 @@ class Objective:
     def items(self, targets: Any) -> torch.Tensor:
         """Counted items of a batch (a device tensor): the labels that are not ``ignore_index``,
         each by its class's weight when the loss has class weights (a weighted mean divides by them)."""
-        labels: torch.Tensor = self.heads[0].target(targets)
+        head = self.heads[0]
+        labels: torch.Tensor = head.target(targets)
+        if head.shift:
+            labels = labels[:, 1:]
         assert self.ignore_index is not None
         counted = labels.ne(self.ignore_index)
         spec = self.heads[0].spec
@@ -358,9 +389,12 @@ def build_objective(
         raise config_error(
             "A loss is needed: none was given, and the model's outputs carry none.",
             f"loss=None; the model returns {outline(outputs)}",
-            "pass e.g. loss='cross_entropy' (or a custom step=...); a Hugging Face model computes its own loss "
-            "when its batches hold 'labels'.",
+            "pass e.g. loss='cross_entropy'; a Hugging Face model computes its own loss when its batches hold "
+            "'labels'.",
         )
+    if has_own and _shifts_labels(heads[0], outputs, targets):
+        heads = (replace(heads[0], shift=True), *heads[1:])
+        objective = Objective(heads, own_loss=has_own, notes=notes)
     counted = _counted_items(objective, heads[0], outputs, targets, all_targets)
     if counted is not None:
         ignore_index, per_sample = counted
@@ -370,7 +404,12 @@ def build_objective(
 
 def _single_head(options: LossOptions, outputs: Any, targets: Any, notes: list[str]) -> Head:
     option = options.heads[0]
-    selector = resolve_output(outputs, options.output)
+    try:
+        selector = resolve_output(outputs, options.output)
+    except ConfigError as error:
+        if not options.own_loss or own_loss(outputs) is None:
+            raise
+        return Head("", Selector(fn=_raiser(error), description="the prediction"), WHOLE, None)  # metrics cannot
     prediction = selector(outputs)
     class_last = False
     spec = option.spec
@@ -391,6 +430,33 @@ def _single_head(options: LossOptions, outputs: Any, targets: Any, notes: list[s
                 "name another output with output=."
             )
     return Head("", selector, WHOLE, spec, class_last=class_last)
+
+
+def _raiser(error: ConfigError) -> Callable[[Any], Any]:
+    def unresolvable(outputs: Any) -> Any:
+        raise error
+
+    return unresolvable
+
+
+def _shifts_labels(head: Head, outputs: Any, targets: Any) -> bool:
+    """Whether the model's own loss scores position t against label t + 1, as causal language
+    models do: told by computing both on the probe batch and comparing with the model's."""
+    value = own_loss(outputs)
+    labels = head.target(targets) if targets is not None else None
+    try:
+        prediction = head.output(outputs)
+    except ConfigError:
+        return False
+    if value is None or not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        return False
+    if not isinstance(prediction, torch.Tensor) or prediction.dim() != 3 or prediction.shape[:2] != labels.shape:
+        return False
+    with torch.no_grad():
+        scores = prediction.float()
+        same = functional.cross_entropy(scores.flatten(0, 1), labels.flatten())
+        shifted = functional.cross_entropy(scores[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    return bool((shifted - value).abs() < (same - value).abs())
 
 
 def _loss_entry(outputs: Any) -> str:
@@ -453,6 +519,11 @@ def _counted_items(
         ignore_index: int | None = -100  # the convention of models that compute their own loss
         if labels.dim() < 2:
             return None
+    elif head.spec is None:  # metrics only: torch's -100 marks what no loss would score
+        ignore_index = -100
+        whole = all_targets if isinstance(all_targets, torch.Tensor) else labels
+        if not bool(whole.eq(ignore_index).any()):
+            return None
     else:
         spec = head.spec
         if spec is None or spec.targets != "classes" or spec.ignore_index is None:
@@ -464,6 +535,7 @@ def _counted_items(
         if labels.dim() < 2 and not bool(whole.eq(ignore_index).any()):
             return None
     assert ignore_index is not None
+    labels = labels[:, 1:] if head.shift else labels
     counted = int(labels.ne(ignore_index).sum())
     return ignore_index, counted / max(len(labels), 1)
 
@@ -550,8 +622,10 @@ def _slot(prefix: str, metric: MetricArg, head_name_: str | None, objective: Obj
 def plain_objective(options: LossOptions) -> Objective:
     """The objective of a custom step's ``compute_loss``, without a probe: each head reads its
     key of the outputs and targets; a single loss gets the outputs as they are."""
+    chosen = options.output
+    single = WHOLE if chosen is None else Selector(fn=chosen) if callable(chosen) else Selector(chosen)
     heads = tuple(
-        Head(option.name, WHOLE if option.key is None else Selector(option.key), WHOLE if option.key is None
+        Head(option.name, single if option.key is None else Selector(option.key), WHOLE if option.key is None
              else Selector(option.key), option.spec, option.weight, is_structured=option.is_structured)
         for option in options.heads
     )  # fmt: skip
