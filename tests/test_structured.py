@@ -415,6 +415,10 @@ def test_each_mistake_is_named_before_any_weight_changes() -> None:
               tw.DataError, r"names the output head 'size'.*\n.*dict with label \(8, 3\), box \(8, 2\)")  # fmt: skip
     untouched(model, lambda: tw.fit(model, heads, loss="cross_entropy", output="score", progress=False),
               tw.ConfigError, r"output='score' names nothing.*\n.*label \(8, 3\), box \(8, 2\)")  # fmt: skip
+    untouched(model, lambda: tw.fit(model, heads, loss="cross_entropy", output=1.5), tw.ConfigError,
+              "output must name one of the model's outputs")  # fmt: skip
+    untouched(model, lambda: tw.fit(model, heads, loss="cross_entropy", target_key=3), tw.ConfigError,
+              "target_key must be the key")  # fmt: skip
     untouched(model, lambda: tw.fit(model, heads, loss={"label": "cross_entropy"}, loss_weights={"boxes": 2.0}),
               tw.ConfigError, "loss_weights must give a number for heads that have a loss")  # fmt: skip
 

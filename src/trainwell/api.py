@@ -343,6 +343,12 @@ class FitOptions:
             ("terminate_on_nan", self.terminate_on_nan, (True, False, "auto")),
         ):
             _check_choice(name, value, choices)
+        if self.target_key is not None and not isinstance(self.target_key, str):
+            raise config_error(
+                "target_key must be the key of the targets in dict batches, or None.",
+                f"target_key={self.target_key!r}",
+                "pass e.g. target_key='labels' (the default).",
+            )
         for name, clip in (("clip_grad_norm", self.clip_grad_norm), ("clip_grad_value", self.clip_grad_value)):
             if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
                 raise config_error(
