@@ -114,6 +114,12 @@ def test_a_bert_classifier_trains_on_its_own_loss_from_dict_batches_as_the_hf_co
     assert evaluated["loss"] == pytest.approx(float(functional.cross_entropy(logits, labels)), abs=1e-6)
     assert evaluated["accuracy"] == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
 
+    def agreement(outputs: Any, targets: torch.Tensor) -> torch.Tensor:  # reads the ModelOutput's attribute
+        return (outputs.logits.argmax(1) == targets).float().mean()
+
+    structured = tw.evaluate(model, data, metrics=[tw.structured(agreement)])
+    assert structured["agreement"] == pytest.approx(evaluated["accuracy"])
+
 
 def test_return_dict_false_gives_loss_and_logits_as_a_tuple_which_is_read_the_same_way() -> None:
     ids, mask = padded()

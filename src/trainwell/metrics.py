@@ -492,10 +492,13 @@ class Tally:
             self.named[name].add_(value.detach().reshape(()), alpha=size)
         if targets is None or not self.slots:
             return
-        with torch.no_grad():
-            for slot in self.slots:
-                predicted, expected = (outputs, targets) if slot.route is None else slot.route(outputs, targets)
-                slot.metric.update(predicted, expected)
+        for slot in self.slots:
+            predicted, expected = (outputs, targets) if slot.route is None else slot.route(outputs, targets)
+            if isinstance(predicted, torch.Tensor):
+                slot.metric.update(predicted.detach(), expected)
+            else:  # a structured metric gets the model's own output type, without a graph
+                with torch.no_grad():
+                    slot.metric.update(predicted, expected)
 
     def state_dict(self) -> dict[str, Any]:
         """The running sums (for a mid-epoch checkpoint); torchmetrics objects are not included."""
