@@ -567,3 +567,12 @@ def test_validation_data_with_sample_weights_and_a_validation_split_by_a_named_k
     history = tw.fit(Named(), {"x": x, "label": y}, loss="cross_entropy", target_key="label", val_split=0.25,
                      metrics=["accuracy"], progress=False)  # fmt: skip
     assert "val_accuracy" in history
+
+
+def test_the_labels_of_a_dict_are_moved_to_the_device_once() -> None:
+    from trainwell.data import as_in_memory
+
+    memory = as_in_memory({"ids": torch.ones(4, 3), "labels": torch.zeros(4, dtype=torch.long)}, torch.float32)
+    assert memory is not None and memory.targets is memory.inputs["labels"]
+    moved = memory.to(torch.device("meta"))  # a real move (meta tensors are new objects), with no GPU needed
+    assert moved.targets is moved.inputs["labels"] and moved.targets.device.type == "meta"

@@ -89,10 +89,14 @@ class InMemory:
         return sum(tensor.nbytes for tensor in tensors if isinstance(tensor, torch.Tensor))
 
     def to(self, device: torch.device) -> InMemory:
-        """The same data on ``device``."""
+        """The same data on ``device``; a tensor held twice (a dict's ``labels``, which are also
+        the targets) is moved once."""
+        moved: dict[int, torch.Tensor] = {}
 
         def move(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.to(device)
+            if id(tensor) not in moved:
+                moved[id(tensor)] = tensor.to(device)
+            return moved[id(tensor)]
 
         weights = None if self.weights is None else move(self.weights)
         return InMemory(map_tensors(self.inputs, move), map_tensors(self.targets, move), weights)
