@@ -406,6 +406,17 @@ def test_a_model_returning_logits_and_an_auxiliary_output() -> None:
 # --- every mistake before the first step ----------------------------------------------------
 
 
+class Features(nn.Module):
+    """A model whose forward takes one keyword, ``features``: for dict batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)
+
+
 def untouched(model: nn.Module, call: Callable[[], Any], error: type[Exception], match: str) -> None:
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(error, match=match):
@@ -437,20 +448,12 @@ def test_each_mistake_is_named_before_any_weight_changes() -> None:
     untouched(plain, lambda: tw.fit(plain, (x, y), progress=False), tw.ConfigError,
               "A loss is needed: none was given, and the model's outputs carry none")  # fmt: skip
 
-    class Keywords(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear = nn.Linear(4, 3)
-
-        def forward(self, features: torch.Tensor) -> torch.Tensor:
-            return self.linear(features)
-
-    keywords = Keywords()
+    keywords = Features()
     batch = {"features": x, "extra": x, "labels": y}
     untouched(keywords, lambda: tw.fit(keywords, batch, loss="cross_entropy", progress=False), tw.DataError,
               r"keys 'extra'; forward takes features")  # fmt: skip
     # the targets' key is not the model's to take: it is left out of the call
-    history = tw.fit(Keywords(), {"features": x, "labels": y}, loss="cross_entropy", progress=False)
+    history = tw.fit(Features(), {"features": x, "labels": y}, loss="cross_entropy", progress=False)
     assert history.epochs == 1
 
 
@@ -555,16 +558,7 @@ def test_validation_data_with_sample_weights_and_a_validation_split_by_a_named_k
     weights = torch.rand(40)
     history = tw.fit(nn.Linear(4, 3), (x, y), loss="cross_entropy", val=(x, y, weights), progress=False)
     assert "val_loss" in history
-
-    class Named(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear = nn.Linear(4, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.linear(x)
-
-    history = tw.fit(Named(), {"x": x, "label": y}, loss="cross_entropy", target_key="label", val_split=0.25,
+    history = tw.fit(Features(), {"features": x, "label": y}, loss="cross_entropy", target_key="label", val_split=0.25,
                      metrics=["accuracy"], progress=False)  # fmt: skip
     assert "val_accuracy" in history
 
