@@ -63,6 +63,7 @@ from trainwell.run import Run, StepFn
 from trainwell.schedules import LRScheduler, check_scheduler, scheduler_callback
 
 Progress = bool | Literal["auto"]
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile(mode=)
 
 
 def fit(
@@ -84,7 +85,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     scheduler: str | Any | None = None,
     precision: PrecisionName = "fp32",
-    compile: bool = False,
+    compile: bool | str = False,
     grad_accum_steps: int = 1,
     clip_grad_norm: float | None = None,
     clip_grad_value: float | None = None,
@@ -143,7 +144,10 @@ def fit(
             scheduler over ``optimizer`` (stepped per epoch). The lr of each epoch is logged as ``lr``.
         precision: ``"fp32"``, ``"bf16"`` (autocast; works on the CPU) or ``"fp16"`` (autocast with
             a grad scaler; CUDA).
-        compile: Train a ``torch.compile``d model; saved weights keep the plain module's keys.
+        compile: Train a ``torch.compile``d model: ``True`` (torch's default mode) or a mode name,
+            ``"reduce-overhead"`` (CUDA graphs: the step's kernels replayed with one launch, for
+            steps bound by launch overhead), ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``.
+            Saved weights keep the plain module's keys.
         grad_accum_steps: Batches per optimizer step; the update equals one batch of all their
             samples (a partial last window is stepped at the end of the epoch).
         clip_grad_norm: Clip the gradients' total norm to this before each step.
@@ -226,7 +230,7 @@ def fit(
     everything = [*callbacks, *_built_in_callbacks(options, train_batches, val_batches is not None, target),
                   *_display(progress, job)]  # fmt: skip
     train_tally, val_tally = (_tally(metrics, objective, loss_options, prefix, step is None) for prefix in ("", "val_"))
-    runnable = cast(nn.Module, torch.compile(model)) if compile else model
+    runnable = _compiled(model, compile)
     run = Run(
         model=runnable if job is None else distributed.wrap(runnable, target),
         module=model,
@@ -282,7 +286,7 @@ class FitOptions:
     callbacks: Sequence[Callback]
     scheduler: Any
     precision: PrecisionName
-    compile: bool
+    compile: bool | str
     grad_accum_steps: int
     clip_grad_norm: float | None
     clip_grad_value: float | None
@@ -339,7 +343,7 @@ class FitOptions:
         for name, value, choices in (
             ("shuffle", self.shuffle, (True, False)),
             ("progress", self.progress, (True, False, "auto")),
-            ("compile", self.compile, (True, False)),
+            ("compile", self.compile, (True, False, *COMPILE_MODES)),
             ("terminate_on_nan", self.terminate_on_nan, (True, False, "auto")),
         ):
             _check_choice(name, value, choices)
@@ -798,6 +802,13 @@ def _check_model(model: Any) -> None:
             describe(model),
             "pass the module itself, e.g. fit(nn.Linear(4, 1), ...), not its outputs or a class.",
         )
+
+
+def _compiled(model: nn.Module, compile: bool | str) -> nn.Module:
+    """``model``, or ``torch.compile(model)`` in the chosen mode (``True``: torch's default)."""
+    if compile is False:
+        return model
+    return cast(nn.Module, torch.compile(model, mode=None if compile is True else compile))
 
 
 def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
