@@ -23,7 +23,7 @@ from tasks import Outcome, TrainTask
 from workloads import FEATURES, IMAGE_SHAPE, LR, MOMENTUM, NUM_CLASSES, Architecture
 
 
-def _lightning_module() -> Any:
+def lightning_module() -> Any:
     """Lightning (``lightning``, else ``pytorch_lightning``), imported on first use."""
     try:
         import lightning
@@ -35,7 +35,7 @@ def _lightning_module() -> Any:
 @functools.cache
 def _classifier_class() -> Any:
     """A LightningModule wrapping the model, logging loss and torchmetrics accuracy to the progress bar."""
-    lightning = _lightning_module()
+    lightning = lightning_module()
     from torchmetrics.classification import MulticlassAccuracy
 
     class Classifier(lightning.LightningModule):  # type: ignore[misc, name-defined]
@@ -59,21 +59,25 @@ def _classifier_class() -> Any:
     return Classifier
 
 
+def lightning_trainer(root: str) -> Any:
+    """``Trainer(max_epochs=1)`` on the CPU with its progress bar; no logger, checkpoint or summary."""
+    return lightning_module().Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+
+
 def lightning_fit(task: TrainTask) -> Outcome:
     """``Trainer(max_epochs=1).fit(LightningModule, DataLoader(TensorDataset, shuffle=True))``,
-    progress bar on; no logger or checkpoint files."""
-    lightning = _lightning_module()
+    progress bar on; no logger or checkpoint files (for (d) and (f), the user's DataLoader)."""
     loader = task.dataloader()
     with tempfile.TemporaryDirectory() as root:
-        trainer = lightning.Trainer(
-            max_epochs=1,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            default_root_dir=root,
-        )
+        trainer = lightning_trainer(root)
         trainer.fit(_classifier_class()(task.model), loader)
     metrics = trainer.callback_metrics
     return Outcome(len(loader.dataset), float(metrics["train_loss_epoch"]), float(metrics["train_acc_epoch"]))  # type: ignore[arg-type]
@@ -118,12 +122,16 @@ def keras_fit(task: TrainTask) -> Outcome:
 
 
 def poutyne_fit(task: TrainTask) -> Outcome:
-    """``poutyne.Model(network, optimizer, "cross_entropy", batch_metrics=["accuracy"]).fit(x, y)``."""
+    """``poutyne.Model(network, optimizer, "cross_entropy", batch_metrics=["accuracy"]).fit(x, y)``
+    (``fit_generator(loader)`` for a user's DataLoader)."""
     from poutyne import Model
 
     optimizer = torch.optim.SGD(task.model.parameters(), lr=LR, momentum=MOMENTUM)
     model = Model(task.model, optimizer, "cross_entropy", batch_metrics=["accuracy"])
-    logs = model.fit(task.inputs, task.targets, epochs=1, batch_size=task.batch_size, verbose=True)
+    if task.loader is not None:  # (d), (f): the user's DataLoader
+        logs = model.fit_generator(task.loader, epochs=1, verbose=True)
+    else:
+        logs = model.fit(task.inputs, task.targets, epochs=1, batch_size=task.batch_size, verbose=True)
     last = logs[-1]
     accuracy = last.get("acc", last.get("accuracy", float("nan")))
     return Outcome(len(task.targets), float(last["loss"]), float(accuracy) / 100)  # Poutyne reports percent
@@ -153,8 +161,10 @@ def _keras_status() -> str | None:
 def framework_status() -> dict[str, str | None]:
     """For each framework contender: None when importable, else why it is skipped."""
     lightning = _importable("lightning") or _importable("pytorch_lightning")
+    hugging_face = _importable("transformers") and _importable("accelerate")
     return {
         "lightning": None if lightning else "neither lightning nor pytorch_lightning is importable",
         "keras": _keras_status(),
         "poutyne": None if _importable("poutyne") else "poutyne is not importable",
+        "hf_trainer": None if hugging_face else "transformers and accelerate are not both importable",
     }

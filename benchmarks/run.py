@@ -41,6 +41,7 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 SCRIPT_VARIABLE = "TRAINWELL_BENCH_SCRIPT"  # the worker script of this run's snapshot
 CORE_CONTENDERS = ["tutorial", "best_hand", "trainwell", "trainwell_quiet"]
 SCORING_CONTENDERS = ["tutorial", "best_hand", "trainwell", "trainwell_default"]
+TEXT_SCORING_CONTENDERS = ["best_hand", "trainwell"]  # (i): the batches are the user's DataLoader's
 WORKER_TIMEOUT = 3600
 IMPORT_REPEATS, QUICK_IMPORT_REPEATS = 7, 3
 IMPORT_TORCH = "import time\nstart = time.perf_counter()\nimport torch\nprint(time.perf_counter() - start)"
@@ -78,11 +79,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# The frameworks that take each kind of workload as a user would write it: Keras builds its own
+# model from numpy arrays (in-memory data only); Poutyne takes a DataLoader but not dict batches or
+# a loss over padded tokens; Hugging Face's Trainer trains Hugging Face models.
+FRAMEWORKS_BY_KIND = {
+    "train": ["lightning", "keras", "poutyne"],
+    "loader": ["lightning", "poutyne"],
+    "workers": ["lightning", "poutyne"],
+    "text": ["lightning", "hf_trainer"],
+}
+
+
 def contenders_for(workload: Workload, skipped: dict[str, str | None]) -> list[str]:
-    """The contenders of ``workload``: frameworks only on the in-memory training workloads."""
+    """The contenders of ``workload``: the hand-written loops, trainwell, and the frameworks that
+    take its data and model as they are."""
     if workload.kind == "inference":
         return SCORING_CONTENDERS
-    frameworks = [name for name, reason in skipped.items() if reason is None] if workload.kind == "train" else []
+    if workload.kind == "text_inference":
+        return TEXT_SCORING_CONTENDERS
+    frameworks = [name for name in FRAMEWORKS_BY_KIND[workload.kind] if skipped.get(name) is None]
+    if workload.architecture != "bert_tiny":
+        frameworks = [name for name in frameworks if name != "hf_trainer"]
     return CORE_CONTENDERS + frameworks
 
 
@@ -208,7 +225,10 @@ def legend(plan: dict[str, list[str]], samples: dict[str, int]) -> list[str]:
     lines = []
     for key in plan:
         workload = WORKLOADS[key]
-        size = "batch 1024 (hand loop)" if workload.kind == "inference" else f"batch {workload.batch_size}, 1 epoch"
+        size = {
+            "inference": "batch 1024 (hand loop)",
+            "text_inference": f"the user's DataLoader, batch {workload.batch_size}",
+        }.get(workload.kind, f"batch {workload.batch_size}, 1 epoch")
         lines.append(f"({key}) {workload.title}: {samples[key]:,} samples, {size}")
     return lines
 
@@ -301,7 +321,7 @@ def describe_run(args: argparse.Namespace, plan: dict[str, list[str]], samples: 
 def publish(args: argparse.Namespace, context: dict[str, Any], measurements: list[dict[str, Any]]) -> None:
     """Print the table and findings, write the JSON, append to the docs."""
     plan = context["plan"]
-    phases = {key: ["evaluate", "predict"] if WORKLOADS[key].kind == "inference" else ["fit"] for key in plan}
+    phases = {key: ["evaluate", "predict"] if "inference" in WORKLOADS[key].kind else ["fit"] for key in plan}
     done = [m for m in measurements if m["ok"]]
     context["torch_version"] = done[0]["torch_version"] if done else "unknown"
     context["torch_threads"] = done[0]["torch_threads"] if done else "unknown"

@@ -8,6 +8,7 @@ framework, so the parent process never does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,9 +57,11 @@ class Outcome:
 
 @dataclass
 class InferenceTask:
-    """Evaluation and prediction over ``inputs``/``targets``; ``batch_size`` is the large batch."""
+    """Evaluation and prediction over ``inputs``/``targets``; ``batch_size`` is the large batch;
+    ``loader``, for (i), the user's DataLoader over them."""
 
     model: nn.Module
     inputs: torch.Tensor
     targets: torch.Tensor
     batch_size: int
+    loader: DataLoader[Any] | None = None

@@ -95,10 +95,18 @@ def _timed(run: Callable[[Task], Outcome], task: Task, profiler: cProfile.Profil
     }
 
 
+def _trainer(contender: str, workload: Workload) -> Callable[[TrainTask], Outcome]:
+    if workload.kind == "text":
+        from text import TEXT_TRAINERS  # imports transformers only where it is used
+
+        return TEXT_TRAINERS[contender]
+    return TRAINERS.get(contender) or FRAMEWORK_TRAINERS[contender]
+
+
 def _train(
     contender: str, workload: Workload, inputs: torch.Tensor, targets: torch.Tensor, profiler: cProfile.Profile | None
 ) -> tuple[dict[str, dict[str, float]], SinkReport]:
-    trainer = TRAINERS.get(contender) or FRAMEWORK_TRAINERS[contender]
+    trainer = _trainer(contender, workload)
     model = build_model(workload.architecture)
     warm = workload.batch_size * WARMUP_BATCHES
     size, architecture = workload.batch_size, workload.architecture
@@ -107,7 +115,7 @@ def _train(
     del warm_loader  # held by warm_task only, so that dropping warm_task stops its workers
     task = TrainTask(model, inputs, targets, size, architecture, workload_loader(workload, inputs, targets))
     sink = SinkReport()
-    shows_display = contender in WITH_DISPLAY or contender in FRAMEWORK_TRAINERS
+    shows_display = contender in WITH_DISPLAY or contender in FRAMEWORK_TRAINERS or contender == "hf_trainer"
     with terminal_stdout(sink) if shows_display else contextlib.nullcontext():
         trainer(warm_task)
         del warm_task  # its loader's workers stop with it
@@ -126,13 +134,19 @@ def _score(
 ) -> dict[str, dict[str, float]]:
     """Evaluate and predict, each ``INFERENCE_REPEATS`` times; the run with the median time is kept,
     with the other processes' load over all the repeats (one pass is too short to measure it)."""
-    scorer = SCORERS[contender]
+    if workload.kind == "text_inference":
+        from text import TEXT_SCORERS
+
+        evaluate, predict = TEXT_SCORERS[contender]
+    else:
+        evaluate, predict = SCORERS[contender].evaluate, SCORERS[contender].predict
     model = build_model(workload.architecture)
     warm = workload.batch_size * 2
-    warm_task = InferenceTask(model, inputs[:warm], targets[:warm], workload.batch_size)
-    task = InferenceTask(model, inputs, targets, workload.batch_size)
+    warm_loader = workload_loader(workload, inputs[:warm], targets[:warm])
+    warm_task = InferenceTask(model, inputs[:warm], targets[:warm], workload.batch_size, warm_loader)
+    task = InferenceTask(model, inputs, targets, workload.batch_size, workload_loader(workload, inputs, targets))
     phases = {}
-    for phase, run in (("evaluate", scorer.evaluate), ("predict", scorer.predict)):
+    for phase, run in (("evaluate", evaluate), ("predict", predict)):
         run(warm_task)
         watch = LoadWatch().start()
         repeats = sorted(
@@ -186,7 +200,7 @@ def run_worker(contender: str, workload_key: str, samples: int | None, profile_l
         )
     profiler = cProfile.Profile() if profile_lines > 0 else None
     sink = SinkReport()
-    if workload.kind == "inference":
+    if workload.kind in ("inference", "text_inference"):
         phases = _score(contender, workload, inputs, targets, profiler)
     else:
         phases, sink = _train(contender, workload, inputs, targets, profiler)

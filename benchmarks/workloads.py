@@ -1,5 +1,5 @@
 """The benchmark's workloads: synthetic MNIST-shaped data, the models, and the users' DataLoaders of
-workloads (d) and (f).
+workloads (d) and (f); (g)-(i), sequences through a collate function, take theirs from ``text``.
 
 Owns: what each workload trains or scores, on how many samples, in which batches, and the data
 every contender receives. Must not time anything or know the contenders.
@@ -26,8 +26,9 @@ TEMPLATE_WEIGHT = 0.3
 LOADER_WORKERS = 2  # workload (f)'s DataLoader(num_workers=...)
 FLIP_PROBABILITY = 0.5
 
-Architecture = Literal["mlp_small", "mlp_large", "cnn"]
-Kind = Literal["train", "loader", "workers", "inference"]
+Architecture = Literal["mlp_small", "mlp_large", "cnn", "bert_tiny", "lstm_tagger"]
+Kind = Literal["train", "loader", "workers", "inference", "text", "text_inference"]
+TEXT_ARCHITECTURES = ("bert_tiny", "lstm_tagger")
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,9 @@ class Workload:
         title: What is trained, for the table.
         architecture: Which model ``build_model`` makes.
         kind: ``train`` (in-memory tensors), ``loader`` (a user's DataLoader), ``workers`` (a
-            user's DataLoader with persistent worker processes and a random augmentation) or
-            ``inference`` (evaluate and predict).
+            user's DataLoader with persistent worker processes and a random augmentation),
+            ``inference`` (evaluate and predict), ``text`` (sequences through a user's DataLoader
+            with a collate function) or ``text_inference`` (evaluate and predict of those).
         batch_size: Training batch size; for ``inference``, the hand-written loop's large batch.
         samples: Samples in a full run; quick_samples: in a ``--quick`` run.
     """
@@ -73,6 +75,34 @@ WORKLOADS: dict[str, Workload] = {
             6_000,
             1_000,
         ),
+        Workload(
+            "g",
+            "BERT classifier (2 layers, hidden 64; course-style dict batches padded by a collate function, "
+            "the model's own loss, AdamW)",
+            "bert_tiny",
+            "text",
+            32,
+            4_000,
+            512,
+        ),
+        Workload(
+            "h",
+            "LSTM tagger over padded (tokens, tags), padding tags -100, AdamW",
+            "lstm_tagger",
+            "text",
+            32,
+            4_000,
+            512,
+        ),
+        Workload(
+            "i",
+            "evaluate/predict, the (g) BERT through its collate DataLoader",
+            "bert_tiny",
+            "text_inference",
+            64,
+            8_000,
+            1_024,
+        ),
     )
 }
 
@@ -86,8 +116,13 @@ def make_data(samples: int, architecture: Architecture) -> tuple[torch.Tensor, t
     every process; it is built in chunks, so the peak memory is the data itself.
 
     Returns:
-        ``(inputs, targets)``: inputs of shape (samples, 784), or (samples, 1, 28, 28) for the CNN.
+        ``(inputs, targets)``: inputs of shape (samples, 784), or (samples, 1, 28, 28) for the CNN;
+        for (g)-(i), padded token ids and their labels or tags (see ``text.make_sequences``).
     """
+    if architecture in TEXT_ARCHITECTURES:
+        from text import make_sequences
+
+        return make_sequences(samples, tagger=architecture == "lstm_tagger")
     generator = torch.Generator().manual_seed(DATA_SEED)
     templates = torch.rand(NUM_CLASSES, FEATURES, generator=generator)
     targets = torch.randint(0, NUM_CLASSES, (samples,), generator=generator)
@@ -103,6 +138,10 @@ def make_data(samples: int, architecture: Architecture) -> tuple[torch.Tensor, t
 
 def build_model(architecture: Architecture) -> nn.Module:
     """A freshly initialised model, with the same weights in every process."""
+    if architecture in TEXT_ARCHITECTURES:
+        from text import build_bert, build_tagger
+
+        return build_bert() if architecture == "bert_tiny" else build_tagger()
     torch.manual_seed(MODEL_SEED)
     if architecture == "mlp_small":
         return nn.Sequential(nn.Linear(FEATURES, 64), nn.ReLU(), nn.Linear(64, NUM_CLASSES))
@@ -178,9 +217,14 @@ def make_worker_loader(inputs: torch.Tensor, targets: torch.Tensor, batch_size: 
 
 
 def workload_loader(workload: Workload, inputs: torch.Tensor, targets: torch.Tensor) -> Loader | None:
-    """The user's DataLoader of a ``loader`` or ``workers`` workload over these samples; else None."""
+    """The user's DataLoader of a ``loader``, ``workers`` or text workload over these samples; else None."""
     if workload.kind == "loader":
         return make_loader(inputs, targets, workload.batch_size)
     if workload.kind == "workers":
         return make_worker_loader(inputs, targets, workload.batch_size)
+    if workload.kind in ("text", "text_inference"):
+        from text import text_loader
+
+        tagger = workload.architecture == "lstm_tagger"
+        return text_loader(inputs, targets, workload.batch_size, tagger, shuffle=workload.kind == "text")
     return None
