@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import trainwell as tw
+from trainwell import models
 
 from conftest import blobs, linear_regression, make_mlp
 
@@ -253,6 +254,59 @@ def test_predict_keeps_input_order_and_returns_cpu_tensors(mlp: nn.Module) -> No
     assert torch.allclose(predictions, expected, atol=1e-6)
     assert torch.allclose(tw.predict(mlp, (x, torch.zeros(1000))), expected, atol=1e-6)
     assert torch.allclose(tw.predict(mlp, x.numpy()), expected, atol=1e-6)
+
+
+class BatchSizes(nn.Module):
+    """Wraps a model and records the batch size of every call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(len(x))
+        return self.model(x)
+
+
+def test_evaluate_and_predict_choose_their_batch_from_the_model() -> None:
+    # A small MLP is little work per sample: the default batch grows to 4096 (after a probe of 2
+    # samples, and evaluate's pre-flight check of 8);
+    # the results equal those of a small explicit batch (tolerance 1e-6: float32 sums in another order).
+    x, y = blobs(samples=10_000, features=20)
+    light = BatchSizes(make_mlp(inputs=20))
+    logs = tw.evaluate(light, (x, y), loss="cross_entropy", metrics=["accuracy"])
+    assert light.sizes == [2, 8, 4096, 4096, 10_000 - 2 * 4096]
+    assert logs == pytest.approx(tw.evaluate(light, (x, y), loss="cross_entropy", metrics=["accuracy"], batch_size=64), rel=1e-6)
+    light.sizes.clear()
+    torch.testing.assert_close(tw.predict(light, x), tw.predict(light, x, batch_size=64), rtol=1e-6, atol=1e-6)
+    assert light.sizes[:4] == [2, 4096, 4096, 10_000 - 2 * 4096]
+    # A convolution over 3x64x64 images is heavy: the low end, 256 (the former fixed default).
+    images = torch.randn(600, 3, 64, 64)
+    heavy = BatchSizes(nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)))
+    tw.predict(heavy, images)
+    assert heavy.sizes == [2, 256, 256, 88]
+    # A DataLoader keeps its own batches; an explicit batch_size is used as given.
+    light.sizes.clear()
+    tw.predict(light, DataLoader(TensorDataset(x[:100]), batch_size=30))
+    tw.predict(light, x[:100], batch_size=50)
+    assert light.sizes == [30, 30, 30, 10, 50, 50]
+
+
+def test_the_default_inference_batch_fits_in_memory() -> None:
+    # 3x512x512 images through two 64-channel convolutions produce ~200 MB per sample: 256 of them
+    # would take 50 GB. The chosen batch keeps what one batch produces within 2 GiB on the CPU.
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1))
+    size = models.inference_batch_size(model, torch.randn(2, 3, 512, 512), 2, torch.device("cpu"))
+    per_sample = 3 * 64 * 512 * 512 * 4
+    assert size == 8 and size * per_sample <= models.INFERENCE_CPU_BYTES < 2 * size * per_sample
+    # The probe changes nothing: the same random stream, modes and buffers after it.
+    norm = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout())
+    inputs = torch.randn(2, 4)
+    state, buffers = torch.random.get_rng_state(), [b.clone() for b in norm.buffers()]
+    models.inference_batch_size(norm, inputs, 2, torch.device("cpu"))
+    assert torch.equal(state, torch.random.get_rng_state()) and norm.training
+    assert all(torch.equal(a, b) for a, b in zip(buffers, norm.buffers(), strict=True))
 
 
 def test_evaluation_restores_the_models_modes_exactly(classification: tuple[torch.Tensor, torch.Tensor]) -> None:

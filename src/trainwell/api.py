@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from trainwell import distributed, loop
-from trainwell.batches import Batches, Layout, to_batches
+from trainwell.batches import Batches, Layout, resizable, to_batches
 from trainwell.callbacks import Callback, CallbackList, TerminateOnNaN
 from trainwell.checkpoints import (
     Checkpointer,
@@ -43,7 +43,14 @@ from trainwell.errors import (
 from trainwell.history import History
 from trainwell.losses import with_class_weight
 from trainwell.metrics import Tally
-from trainwell.models import float_dtype, preserved_modes, smallest_batch
+from trainwell.models import (
+    INFERENCE_BATCH_RANGE,
+    PROBE_SAMPLES,
+    float_dtype,
+    inference_batch_size,
+    preserved_modes,
+    smallest_batch,
+)
 from trainwell.objective import (
     HeadKey,
     LossArg,
@@ -605,7 +612,7 @@ def evaluate(
     *,
     loss: LossArg | Mapping[HeadKey, LossArg] | Sequence[LossArg] | None = None,
     metrics: Metrics = (),
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: str | torch.device = "auto",
     loss_weights: Mapping[HeadKey, float] | Sequence[float] | None = None,
     output: OutputChoice = None,
@@ -622,7 +629,11 @@ def evaluate(
         loss: As in ``fit``. Without it, the model's own loss is reported when its outputs carry
             one (a Hugging Face model given ``labels``).
         metrics: As in ``fit``.
-        batch_size: Samples per batch for in-memory data and Datasets.
+        batch_size: Samples per batch for in-memory data and Datasets. By default it is chosen
+            from the model: large (up to 4096) when a sample is little work, so that the
+            per-batch cost is amortised; 256 for heavier models; smaller when a batch's
+            activations would not fit (2 GiB on the CPU, a quarter of a GPU's free memory).
+            A DataLoader keeps its own.
         device: As in ``fit``.
         loss_weights, output, target_key: As in ``fit``.
 
@@ -640,13 +651,13 @@ def evaluate(
         ['accuracy', 'loss']
     """
     _check_model(model)
-    check_count("batch_size", batch_size)
+    _check_batch_size(batch_size)
     options = resolve_loss_options(loss, loss_weights=loss_weights, metric_heads=metric_heads(metrics), output=output)
     resolve_metrics(metrics, None, options)  # unknown or duplicate names, before any work
     job = distributed.setup()
     target = _job_device(job, device)
-    batches = _inference_batches(data, batch_size, job, target, model, target_key=target_key)
     model.to(target)
+    batches = _inference_batches(data, batch_size, job, target, model, target_key=target_key)
     diagnosis = examine(model, options, batches, role="evaluation data", needs_targets=True, device=target,
                         metrics=metrics, scan_values=False, target_key=target_key,
                         needs_loss=not metrics)  # fmt: skip
@@ -666,7 +677,7 @@ def predict(
     model: nn.Module,
     data: Any,
     *,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: str | torch.device = "auto",
     all_ranks: bool = False,
     output: OutputChoice = None,
@@ -677,7 +688,8 @@ def predict(
         model: The model.
         data: Inputs alone (a tensor, array or dict; ``(inputs,)`` for a tuple of several inputs),
             or any kind ``fit`` accepts; targets, when present, are ignored.
-        batch_size: Samples per batch for in-memory data and Datasets.
+        batch_size: Samples per batch for in-memory data and Datasets; chosen from the model by
+            default, as in ``evaluate``.
         device: As in ``fit``.
         all_ranks: In a torchrun job, return the outputs on every process (by default only rank 0
             gets them; the others get None).
@@ -695,11 +707,11 @@ def predict(
         torch.Size([10, 3])
     """
     _check_model(model)
-    check_count("batch_size", batch_size)
+    _check_batch_size(batch_size)
     job = distributed.setup()
     target = _job_device(job, device)
-    batches = _inference_batches(data, batch_size, job, target, model, inputs_only=True)
     model.to(target)
+    batches = _inference_batches(data, batch_size, job, target, model, inputs_only=True)
     run = _inference_run(model, target, Tally([], has_loss=False), None)
     collected = loop.predict_loop(run, batches, for_predict if output is None else _chosen(output))
     if job is None:
@@ -730,18 +742,30 @@ def _chosen(output: OutputChoice) -> Callable[[Any], Any]:
     return keep
 
 
+def _check_batch_size(batch_size: int | None) -> None:
+    if batch_size is not None:
+        check_count("batch_size", batch_size)
+
+
 def _inference_batches(
     data: Any,
-    batch_size: int,
+    batch_size: int | None,
     job: distributed.Distributed | None,
     device: torch.device,
     model: nn.Module,
     inputs_only: bool = False,
     target_key: str | None = TARGET_KEY,
 ) -> Batches:
-    """The batches of one pass (a generator is fine), each process reading only its own samples."""
-    batches = to_batches(data, batch_size=batch_size, shuffle=False, seed=0, device=device, dtype=float_dtype(model),
-                         one_pass=True, inputs_only=inputs_only, target_key=target_key)  # fmt: skip
+    """The batches of one pass (a generator is fine), each process reading only its own samples.
+    Without a ``batch_size``, data that trainwell batches itself gets ``inference_batch_size``'s
+    (the model must be on ``device``)."""
+    batches = to_batches(data, batch_size=batch_size or INFERENCE_BATCH_RANGE[0], shuffle=False, seed=0,
+                         device=device, dtype=float_dtype(model), one_pass=True, inputs_only=inputs_only,
+                         target_key=target_key)  # fmt: skip
+    planned = resizable(batches) if batch_size is None else None
+    if planned is not None:
+        probe = batches.sample(PROBE_SAMPLES)
+        planned.resize(inference_batch_size(model, probe.inputs, probe.size, device))
     if job is not None:
         batches.lay_out(Layout(job.rank, job.world_size, lockstep=False))
     return batches

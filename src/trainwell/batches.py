@@ -207,6 +207,8 @@ class _Planned:
     """What the sources with a plan share: the plan and its counts."""
 
     plan: BatchPlan
+    batch_size: int | None
+    users_size = False  # the batch size is a DataLoader's, not to be changed
 
     @property
     def num_batches(self) -> int | None:
@@ -218,6 +220,11 @@ class _Planned:
 
     def lay_out(self, layout: Layout) -> None:
         self.plan = BatchPlan(self.plan.samples, self.plan.batch_size, self.plan.drop_last, layout)
+
+    def resize(self, batch_size: int) -> None:
+        """Batch ``batch_size`` samples from now on (evaluate's and predict's chosen default)."""
+        self.batch_size = batch_size
+        self.plan = BatchPlan(self.plan.samples, batch_size, self.plan.drop_last, self.plan.layout)
 
 
 class TensorBatches(_Planned):
@@ -469,6 +476,12 @@ class LoaderBatches:
         return None
 
 
+def resizable(batches: Batches) -> _Planned | None:
+    """``batches`` when trainwell chose their size (in-memory data, a Dataset), so that it may be
+    changed; None for a DataLoader's batches and for iterables."""
+    return batches if isinstance(batches, _Planned) and not batches.users_size else None
+
+
 def _chain(previous: Repair | None, fix: Repair) -> Repair:
     return fix if previous is None else lambda batch: fix(previous(batch))
 
@@ -601,6 +614,7 @@ def _from_loader(
         )
     if rebuilt.num_batches == 0:
         raise _dropped_everything(loader.batch_size, rebuilt.num_samples)
+    rebuilt.users_size = True
     return rebuilt
 
 

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainwell.structures import tensors_of
+
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """Call ``model`` on a batch's inputs: ``model(*inputs)`` for a tuple, ``model(**inputs)``
@@ -134,6 +136,75 @@ def probing(model: nn.Module, device: torch.device) -> Iterator[None]:
         preserved_buffers(model),
     ):
         yield
+
+
+# evaluate/predict's default batch (see ``inference_batch_size``).
+INFERENCE_FLOPS_PER_BATCH = 1e9  # enough work that a batch's fixed cost is ~1% of its time on a CPU
+INFERENCE_BATCH_RANGE = (256, 4096)
+INFERENCE_CPU_BYTES = 2 << 30  # what a batch's forward may produce on the CPU
+INFERENCE_GPU_SHARE = 0.25  # of the GPU's free memory
+PROBE_SAMPLES = 2
+
+
+def inference_batch_size(model: nn.Module, inputs: Any, count: int, device: torch.device) -> int:
+    """The batch size ``evaluate`` and ``predict`` choose when none is given, from one forward of
+    ``inputs`` (``count`` samples) on ``device``.
+
+    Big enough that a batch does ``INFERENCE_FLOPS_PER_BATCH`` of work, so that the fixed cost of
+    each batch (the loop, small kernels) is amortised: overhead-bound models get large batches,
+    heavy ones stay at the low end of ``INFERENCE_BATCH_RANGE``. Then small enough that the
+    tensors its forward produces (summed over the model's leaf modules: an upper bound on what
+    is alive at once without autograd) take at most 2 GiB on the CPU, or a quarter of the GPU's
+    free memory. A power of two. Deterministic: the work is counted, not timed (see
+    ``_leaf_work``), and the probe changes nothing (see ``probing``). A model that fails on the
+    probe gets the low end: the pass itself then reports the failure, after its checks.
+
+    Example:
+        >>> inference_batch_size(nn.Linear(784, 10), torch.zeros(2, 784), 2, torch.device("cpu"))
+        4096
+    """
+    low, high = INFERENCE_BATCH_RANGE
+    totals = [0.0, 0.0]  # floating-point operations, bytes produced
+
+    def tally(module: nn.Module, args: Any, output: Any) -> None:
+        produced = tensors_of(output)
+        totals[0] += _leaf_work(module, produced)
+        totals[1] += sum(tensor.numel() * tensor.element_size() for tensor in produced)
+
+    hooks = [module.register_forward_hook(tally) for module in model.modules() if next(module.children(), None) is None]
+    try:
+        with probing(model, device):
+            call_model(model, inputs)
+    except Exception:  # the pass itself reports a model that fails, after its checks
+        return low
+    finally:
+        for hook in hooks:
+            hook.remove()
+    flops, produced = totals[0] / count, totals[1] / count
+    size = high if flops == 0 else min(high, max(low, int(INFERENCE_FLOPS_PER_BATCH / flops)))
+    budget = INFERENCE_CPU_BYTES if device.type != "cuda" else torch.cuda.mem_get_info(device)[0] * INFERENCE_GPU_SHARE
+    if produced:
+        size = min(size, max(1, int(budget / produced)))
+    return 1 << (size.bit_length() - 1)
+
+
+def _leaf_work(module: nn.Module, produced: list[torch.Tensor]) -> float:
+    """Floating-point operations of one leaf module's forward, counted from its weights and output.
+
+    A module with weights applies them at every position of its output: a linear, convolution,
+    recurrent (per time step) or normalisation layer does ``2 * weights * positions``, where the
+    positions are the output's elements over its channels (dim 1 for convolutions, the last
+    dim otherwise). A lookup (embedding) costs its output; so does a module without weights
+    (an activation, a pooling): one operation per element produced.
+    """
+    if not produced:
+        return 0.0
+    output = produced[0]
+    weights = sum(parameter.numel() for parameter in module.parameters(recurse=False))
+    if not weights or isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or output.dim() == 0:
+        return float(output.numel())
+    channels = output.shape[1] if isinstance(module, nn.modules.conv._ConvNd) and output.dim() > 1 else output.shape[-1]
+    return 2.0 * weights * output.numel() / max(1, channels)
 
 
 def float_dtype(model: nn.Module) -> torch.dtype:
