@@ -126,11 +126,38 @@ def text_loader(
     return DataLoader(SentenceDataset(tokens, targets), batch_size, shuffle=shuffle, collate_fn=pad_sentences)
 
 
-def build_bert() -> nn.Module:
-    """A 2-layer BERT with hidden size 64 and a 2-class head, from a config (nothing downloaded)."""
-    from transformers import BertConfig, BertForSequenceClassification
+class EncoderClassifier(nn.Module):
+    """(g)'s model where transformers is not installed (the GPU kit's machine): torch's own
+    transformer encoder with BERT's sizes, called as a Hugging Face classifier is
+    (``model(input_ids=, attention_mask=, labels=)``) and returning ``{"loss", "logits"}``."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 64, padding_idx=PAD)
+        self.position = nn.Embedding(TEXT_LENGTHS[1], 64)
+        layer = nn.TransformerEncoderLayer(64, nhead=2, dim_feedforward=128, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, TEXT_CLASSES)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        hidden = self.encoder(
+            self.embed(input_ids) + self.position(positions), src_key_padding_mask=attention_mask == 0
+        )
+        logits = self.head(hidden[:, 0])
+        return {"logits": logits} if labels is None else {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def build_bert() -> nn.Module:
+    """A 2-layer BERT with hidden size 64 and a 2-class head, from a config (nothing downloaded);
+    ``EncoderClassifier`` of the same sizes where transformers is not installed."""
     torch.manual_seed(MODEL_SEED)
+    try:
+        from transformers import BertConfig, BertForSequenceClassification
+    except ImportError:
+        return EncoderClassifier()
     config = BertConfig(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -176,8 +203,8 @@ def _loss_and_hits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.
     if isinstance(batch, dict):
         out = model(**batch)
         labels = batch["labels"]
-        hits = (out.logits.detach().argmax(-1) == labels).sum()
-        return out.loss, hits, torch.tensor(float(len(labels)))
+        hits = (out["logits"].detach().argmax(-1) == labels).sum()
+        return out["loss"], hits, torch.tensor(float(len(labels)))
     tokens, tags = batch
     logits = model(tokens)
     loss = F.cross_entropy(logits.reshape(-1, TAGS), tags.reshape(-1), ignore_index=IGNORE)
@@ -267,7 +294,7 @@ def _lightning_class() -> Any:
         def training_step(self, batch: Batch, batch_index: int) -> torch.Tensor:
             if isinstance(batch, dict):
                 out = self.model(**batch)
-                loss, logits, targets = out.loss, out.logits, batch["labels"]
+                loss, logits, targets = out["loss"], out["logits"], batch["labels"]
             else:
                 tokens, targets = batch
                 logits = self.model(tokens)
@@ -342,7 +369,7 @@ def hand_predict(task: InferenceTask) -> Outcome:
     with torch.inference_mode():
         logits = torch.cat(
             [
-                task.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                task.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["logits"]
                 for batch in task.loader
             ]
         )
