@@ -231,12 +231,17 @@ def notes(rows: Sequence[Row], measurements: Sequence[dict[str, Any]]) -> list[s
     return found
 
 
-def display_cost_line(result: dict[str, Any]) -> str:
-    """``trainwell runs at 0.998x ... with the display on`` from a ``display_cost`` worker result."""
-    ratios = sorted(result["speed_ratios"])
+def paired_line(result: dict[str, Any]) -> str:
+    """The summary of a ``paired`` worker result: trainwell against the hand loop, with and without
+    its display, and the display's own cost."""
+
+    def span(name: str) -> str:
+        values = sorted(result["speed_ratios"][name])
+        return f"{result['median_' + name]:.3f}x ({values[0]:.3f}-{values[-1]:.3f})"
+
     return (
-        f"trainwell runs at {result['median_speed_ratio']:.3f}x its speed without the display "
-        f"(median of {result['pairs']} pairs, range {ratios[0]:.3f}-{ratios[-1]:.3f})"
+        f"trainwell_quiet {span('quiet_vs_hand')} best_hand, trainwell {span('display_vs_hand')}; the display: "
+        f"{span('display_vs_quiet')} trainwell_quiet (median of {result['pairs']} rounds, range)"
     )
 
 

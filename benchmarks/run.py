@@ -280,13 +280,18 @@ def run_rounds(plan: dict[str, list[str]], samples: dict[str, int], args: argpar
     return measurements
 
 
-def measure_display_cost(samples: int, env: dict[str, str]) -> dict[str, Any]:
-    """The live display's cost on workload (a), measured in pairs inside one worker."""
-    wait_for_quiet()
-    result = run_in_worker("display_cost", "a", samples, env)
-    if result["ok"]:
-        print(f"Display cost: {report.display_cost_line(result)}", flush=True)
-    return result
+def measure_paired(plan: dict[str, list[str]], samples: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
+    """trainwell against the hand loop in pairs inside one worker per training workload (less
+    noise than the rounds of fresh processes)."""
+    results = {}
+    for key in plan:
+        if "inference" in WORKLOADS[key].kind:
+            continue
+        wait_for_quiet()
+        result = run_in_worker("paired:2" if args.quick else "paired", key, samples[key], args.env)
+        results[key] = result
+        print(f"  ({key}) paired: {report.paired_line(result) if result['ok'] else result['error']}", flush=True)
+    return results
 
 
 def _progress(result: dict[str, Any], started: float) -> str:
@@ -327,10 +332,12 @@ def publish(args: argparse.Namespace, context: dict[str, Any], measurements: lis
     context["torch_threads"] = done[0]["torch_threads"] if done else "unknown"
     rows = report.summarize(measurements, plan, phases)
     findings = report.notes(rows, measurements)
-    if context.get("display_cost", {}).get("ok"):
-        findings.insert(
-            0, "(a) the live display, paired in one process: " + report.display_cost_line(context["display_cost"])
-        )
+    paired = [
+        f"({key}) paired in one process: {report.paired_line(result)}"
+        for key, result in context.get("paired", {}).items()
+        if result["ok"]
+    ]
+    findings[:0] = paired
     if context["source_digest"] != _digest(trainwell_source()):
         findings.append("trainwell's source changed while this ran; every worker used the copy taken at the start.")
     print("\n" + report.text_table(rows) + "\n")
@@ -363,8 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         context["imports"] = measure_imports(QUICK_IMPORT_REPEATS if args.quick else IMPORT_REPEATS, args.env)
         print(f"Import: {import_line(context['imports'])}", flush=True)
         measurements = run_rounds(plan, samples, args)
-        if "a" in plan:
-            context["display_cost"] = measure_display_cost(samples["a"], args.env)
+        context["paired"] = measure_paired(plan, samples, args)
     publish(args, context, measurements)
     return 0
 

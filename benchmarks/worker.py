@@ -17,6 +17,7 @@ import gc
 import json
 import pstats
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -156,27 +157,40 @@ def _score(
     return phases
 
 
-DISPLAY_PAIRS = 15
-DISPLAY_COST = "display_cost"
+PAIRED = "paired"
+PAIRED_ROUNDS = 6
+PAIRED_CONTENDERS = ("best_hand", "trainwell_quiet", "trainwell")
 
 
-def _display_cost(workload: Workload, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
-    """The live display's cost measured in pairs in one process: each pair trains one epoch with
-    the display (to the pseudo-terminal) and one without, back to back, in alternating order.
-    Between fresh processes the noise is several percent; within a pair it is far smaller."""
-    ratios = []
-    for pair in range(DISPLAY_PAIRS + 1):
-        seconds = {}
-        for display in (True, False) if pair % 2 else (False, True):
-            task = TrainTask(
-                build_model(workload.architecture), inputs, targets, workload.batch_size, workload.architecture
-            )
-            trainer = TRAINERS["trainwell" if display else "trainwell_quiet"]
-            with terminal_stdout(SinkReport()) if display else contextlib.nullcontext():
-                seconds[display] = _timed(trainer, task, None)["seconds"]
-        if pair:  # the first pair warms up
-            ratios.append(seconds[False] / seconds[True])
-    return {"pairs": len(ratios), "speed_ratios": ratios, "median_speed_ratio": sorted(ratios)[len(ratios) // 2]}
+def _paired_epoch(contender: str, workload: Workload, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Seconds of one epoch of ``contender`` on a fresh model (and a fresh user DataLoader)."""
+    loader = workload_loader(workload, inputs, targets)
+    task = TrainTask(build_model(workload.architecture), inputs, targets, workload.batch_size, workload.architecture,
+                     loader)  # fmt: skip
+    del loader  # held by the task only, so that dropping the task stops (f)'s workers
+    with terminal_stdout(SinkReport()) if contender in WITH_DISPLAY else contextlib.nullcontext():
+        seconds = _timed(_trainer(contender, workload), task, None)["seconds"]
+        del task  # (f): stop the workers while the pseudo-terminal is open (see ``_train``)
+        gc.collect()
+    return seconds
+
+
+def _paired(workload: Workload, inputs: torch.Tensor, targets: torch.Tensor, pairs: int) -> dict[str, Any]:
+    """trainwell against the hand loop in one process: ``pairs`` rounds (after one to warm up) of
+    one epoch each of ``PAIRED_CONTENDERS``, in a rotated order every round. Between fresh
+    processes the noise is 10% or more on this machine; within a round it is far smaller."""
+    ratios: dict[str, list[float]] = {"quiet_vs_hand": [], "display_vs_hand": [], "display_vs_quiet": []}
+    for round_index in range(pairs + 1):
+        shift = round_index % len(PAIRED_CONTENDERS)
+        order = PAIRED_CONTENDERS[shift:] + PAIRED_CONTENDERS[:shift]
+        seconds = {contender: _paired_epoch(contender, workload, inputs, targets) for contender in order}
+        if round_index:  # the first round warms up
+            ratios["quiet_vs_hand"].append(seconds["best_hand"] / seconds["trainwell_quiet"])
+            ratios["display_vs_hand"].append(seconds["best_hand"] / seconds["trainwell"])
+            ratios["display_vs_quiet"].append(seconds["trainwell_quiet"] / seconds["trainwell"])
+    return {"pairs": pairs, "speed_ratios": ratios} | {
+        f"median_{name}": statistics.median(values) for name, values in ratios.items()
+    }
 
 
 def run_worker(contender: str, workload_key: str, samples: int | None, profile_lines: int = 0) -> dict[str, Any]:
@@ -184,7 +198,8 @@ def run_worker(contender: str, workload_key: str, samples: int | None, profile_l
 
     Args:
         contender: A key of ``TRAINERS``, ``FRAMEWORK_TRAINERS`` or (workload e) ``SCORERS``;
-            or ``display_cost`` for the paired measurement of the live display.
+            or ``paired`` (``paired:N`` for N rounds) for the paired measurement of trainwell
+            with and without its display against the hand loop (``_paired``).
         workload_key: A key of ``WORKLOADS``.
         samples: How many samples (None: the workload's full size).
         profile_lines: When > 0, profile the timed region with cProfile and print this many
@@ -194,9 +209,10 @@ def run_worker(contender: str, workload_key: str, samples: int | None, profile_l
     count = samples or workload.samples
     inputs, targets = make_data(count, workload.architecture)
     torch.manual_seed(SHUFFLE_SEED)
-    if contender == DISPLAY_COST:
-        return {"contender": contender, "workload": workload_key, "samples": count} | _display_cost(
-            workload, inputs, targets
+    if contender.startswith(PAIRED):  # "paired" or "paired:<rounds>"
+        pairs = int(contender.partition(":")[2] or PAIRED_ROUNDS)
+        return {"contender": contender, "workload": workload_key, "samples": count} | _paired(
+            workload, inputs, targets, pairs
         )
     profiler = cProfile.Profile() if profile_lines > 0 else None
     sink = SinkReport()

@@ -90,6 +90,17 @@ def test_batches_of_unexpected_shape_are_explained() -> None:
         tw.fit(torch.nn.Linear(2, 1), [(x, x, x, x)], loss="mse", progress=False)
 
 
+def test_a_rebuilt_dataloader_pins_its_batches_in_its_own_thread_for_a_gpu() -> None:
+    # Only built, never iterated (this machine has no GPU): the options the rebuilt loader gets.
+    subset = torch.utils.data.Subset(TensorDataset(torch.randn(10, 3), torch.arange(10)), list(range(8)))
+    loader = DataLoader(subset, batch_size=2, shuffle=True)  # pin_memory=False: the DataLoader's default
+    on_gpu = batches_of(loader, device=torch.device("cuda"))
+    on_cpu = batches_of(loader)
+    assert isinstance(on_gpu, DatasetBatches) and isinstance(on_cpu, DatasetBatches)
+    assert on_gpu.loader_options["pin_memory"] is True
+    assert on_cpu.loader_options["pin_memory"] is False
+
+
 # No GPU exists here. The "meta" device (tensors with shapes but no storage) stands in for it to
 # check the plumbing of data kept on the device, and torch.cuda.mem_get_info is replaced to
 # check the decision; neither says anything about speed.

@@ -592,7 +592,9 @@ def _from_loader(
         options = {
             "num_workers": loader.num_workers,
             "collate_fn": loader.collate_fn,
-            "pin_memory": loader.pin_memory,
+            # On a GPU the loader pins its batches in its own thread (else to_device pins them in
+            # the training thread): a user's pin_memory=False is the DataLoader's default, not a choice.
+            "pin_memory": loader.pin_memory or device.type == "cuda",
             "worker_init_fn": loader.worker_init_fn,
             "timeout": loader.timeout,
         }
