@@ -277,7 +277,9 @@ def test_evaluate_and_predict_choose_their_batch_from_the_model() -> None:
     light = BatchSizes(make_mlp(inputs=20))
     logs = tw.evaluate(light, (x, y), loss="cross_entropy", metrics=["accuracy"])
     assert light.sizes == [2, 8, 4096, 4096, 10_000 - 2 * 4096]
-    assert logs == pytest.approx(tw.evaluate(light, (x, y), loss="cross_entropy", metrics=["accuracy"], batch_size=64), rel=1e-6)
+    assert logs == pytest.approx(
+        tw.evaluate(light, (x, y), loss="cross_entropy", metrics=["accuracy"], batch_size=64), rel=1e-6
+    )
     light.sizes.clear()
     torch.testing.assert_close(tw.predict(light, x), tw.predict(light, x, batch_size=64), rtol=1e-6, atol=1e-6)
     assert light.sizes[:4] == [2, 4096, 4096, 10_000 - 2 * 4096]
