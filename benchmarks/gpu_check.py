@@ -254,10 +254,10 @@ def check_loader(setup: Setup) -> Verdict:
     require(traffic["htod_pinned"] >= fetched, f"fewer pinned copies than the {fetched} batches fetched {seen_traffic}")
     require(syncs(traffic) == 0, f"synchronisations {seen_traffic}")
     pinned_by = (
-        "the DataLoader's pin-memory thread"
+        "the DataLoader trainwell rebuilt (pin_memory=True)"
         if seen.loader_pin_memory
         else "trainwell's to_device in the main process (Tensor.pin_memory(); the DataLoader trainwell rebuilt from "
-        f"the user's has pin_memory={seen.loader_pin_memory})"
+        f"the user's, which has no workers, has pin_memory={seen.loader_pin_memory})"
     )
     return Verdict(
         "passed",

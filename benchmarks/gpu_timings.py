@@ -151,7 +151,8 @@ def text_hand_epoch(model: nn.Module, loader: DataLoader[Any], device: torch.dev
     sums kept on the device and read once."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=TEXT_LR, **HAND_OPTIMIZER)
     model.train()
-    sums = torch.zeros(3, device=device)  # loss * sentences, correct, sentences
+    sums = torch.zeros(2, device=device)  # loss * sentences, correct
+    seen = 0  # counted on the host: a tensor made from it would be a blocking copy every step
     for batch in loader:
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         out = model(**batch)
@@ -160,8 +161,9 @@ def text_hand_epoch(model: nn.Module, loader: DataLoader[Any], device: torch.dev
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         hits = (out["logits"].detach().argmax(-1) == labels).sum()
-        sums.add_(torch.stack([loss.detach() * len(labels), hits.to(sums.dtype), sums.new_tensor(len(labels))]))
-    total_loss, correct, seen = sums.tolist()
+        sums.add_(torch.stack([loss.detach() * len(labels), hits.to(sums.dtype)]))
+        seen += len(labels)
+    total_loss, correct = sums.tolist()
     return total_loss / seen, correct / seen
 
 

@@ -280,7 +280,9 @@ def trainwell_quiet_fit(task: TrainTask) -> Outcome:
 
 @functools.cache
 def _lightning_class() -> Any:
-    """A LightningModule around the model that logs the loss and accuracy to the progress bar."""
+    """A LightningModule around the model that logs the loss and accuracy to the progress bar, as
+    its documentation shows (for (h) its epoch loss weights each batch by sentences, not tokens:
+    ``self.log`` does not know the counted tokens unless told)."""
     from torchmetrics.classification import MulticlassAccuracy
 
     lightning = lightning_module()
@@ -322,8 +324,9 @@ def lightning_fit(task: TrainTask) -> Outcome:
 
 def hf_trainer_fit(task: TrainTask) -> Outcome:
     """Hugging Face's ``Trainer`` as the course sets it up: the Dataset and the collate function,
-    AdamW at the same lr (its linear decay switched off), its progress bar on, nothing saved or
-    reported. It computes no training accuracy (NaN here)."""
+    AdamW at the same lr and weight decay (its linear decay and its gradient clipping switched
+    off, as the others have neither), its progress bar on, nothing saved or reported. It computes
+    no training accuracy (NaN here)."""
     from transformers import Trainer, TrainingArguments
 
     assert task.loader is not None
@@ -333,6 +336,8 @@ def hf_trainer_fit(task: TrainTask) -> Outcome:
             per_device_train_batch_size=task.batch_size,
             num_train_epochs=1,
             learning_rate=TEXT_LR,
+            weight_decay=0.01,  # torch's AdamW default, which the other contenders use
+            max_grad_norm=0,  # no clipping (its default clips at 1.0), as the others
             lr_scheduler_type="constant",
             save_strategy="no",
             report_to=[],

@@ -302,6 +302,15 @@ def test_the_default_inference_batch_fits_in_memory() -> None:
     size = models.inference_batch_size(model, torch.randn(2, 3, 512, 512), 2, torch.device("cpu"))
     per_sample = 3 * 64 * 512 * 512 * 4
     assert size == 8 and size * per_sample <= models.INFERENCE_CPU_BYTES < 2 * size * per_sample
+    # Work it cannot count (weights used outside any leaf module, as nn.MultiheadAttention's
+    # projections are) or a model it cannot hook (TorchScript) gets the former default, 256; the
+    # scripted model still predicts.
+    attention = nn.TransformerEncoderLayer(16, nhead=2, batch_first=True)
+    assert models.inference_batch_size(attention, torch.randn(2, 5, 16), 2, torch.device("cpu")) == 256
+    scripted = torch.jit.script(nn.Linear(4, 3))
+    assert models.inference_batch_size(scripted, torch.randn(2, 4), 2, torch.device("cpu")) == 256
+    x = torch.randn(300, 4)
+    torch.testing.assert_close(tw.predict(scripted, x), scripted(x).detach(), rtol=0, atol=0)
     # The probe changes nothing: the same random stream, modes and buffers after it.
     norm = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout())
     inputs = torch.randn(2, 4)

@@ -90,15 +90,18 @@ def test_batches_of_unexpected_shape_are_explained() -> None:
         tw.fit(torch.nn.Linear(2, 1), [(x, x, x, x)], loss="mse", progress=False)
 
 
-def test_a_rebuilt_dataloader_pins_its_batches_in_its_own_thread_for_a_gpu() -> None:
+def test_a_rebuilt_dataloader_with_workers_pins_their_batches_in_its_own_thread_for_a_gpu() -> None:
     # Only built, never iterated (this machine has no GPU): the options the rebuilt loader gets.
+    # Without workers nothing changes: the batches may be CUDA tensors (a Dataset on the GPU), which
+    # cannot be pinned, and to_device pins the CPU ones in the same thread the loader would.
     subset = torch.utils.data.Subset(TensorDataset(torch.randn(10, 3), torch.arange(10)), list(range(8)))
-    loader = DataLoader(subset, batch_size=2, shuffle=True)  # pin_memory=False: the DataLoader's default
-    on_gpu = batches_of(loader, device=torch.device("cuda"))
-    on_cpu = batches_of(loader)
-    assert isinstance(on_gpu, DatasetBatches) and isinstance(on_cpu, DatasetBatches)
-    assert on_gpu.loader_options["pin_memory"] is True
-    assert on_cpu.loader_options["pin_memory"] is False
+    with_workers = DataLoader(subset, batch_size=2, shuffle=True, num_workers=2)  # pin_memory=False: the default
+    pinned = {
+        (workers, device): batches_of(loader, device=torch.device(device)).loader_options["pin_memory"]
+        for workers, loader in ((2, with_workers), (0, DataLoader(subset, batch_size=2, shuffle=True)))
+        for device in ("cuda", "cpu")
+    }
+    assert pinned == {(2, "cuda"): True, (2, "cpu"): False, (0, "cuda"): False, (0, "cpu"): False}
 
 
 # No GPU exists here. The "meta" device (tensors with shapes but no storage) stands in for it to

@@ -153,7 +153,9 @@ def fit(
             a grad scaler; CUDA).
         compile: Train a ``torch.compile``d model: ``True`` (torch's default mode) or a mode name,
             ``"reduce-overhead"`` (CUDA graphs: the step's kernels replayed with one launch, for
-            steps bound by launch overhead), ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``.
+            steps bound by launch overhead; each batch shape records its own graph, so a ragged
+            last batch or padding to each batch's longest sequence records several),
+            ``"max-autotune"`` (also with CUDA graphs on a GPU) or ``"max-autotune-no-cudagraphs"``.
             Saved weights keep the plain module's keys.
         grad_accum_steps: Batches per optimizer step; the update equals one batch of all their
             samples (a partial last window is stepped at the end of the epoch).
@@ -630,10 +632,10 @@ def evaluate(
             one (a Hugging Face model given ``labels``).
         metrics: As in ``fit``.
         batch_size: Samples per batch for in-memory data and Datasets. By default it is chosen
-            from the model: large (up to 4096) when a sample is little work, so that the
-            per-batch cost is amortised; 256 for heavier models; smaller when a batch's
-            activations would not fit (2 GiB on the CPU, a quarter of a GPU's free memory).
-            A DataLoader keeps its own.
+            from the model on a probe of two samples: large (up to 4096) when a sample is little
+            work, so that the per-batch cost is amortised; 256 for heavier models and for work
+            it cannot count; smaller when a batch's activations would not fit (2 GiB on the CPU,
+            a quarter of a GPU's free memory). A DataLoader keeps its own.
         device: As in ``fit``.
         loss_weights, output, target_key: As in ``fit``.
 

@@ -592,9 +592,10 @@ def _from_loader(
         options = {
             "num_workers": loader.num_workers,
             "collate_fn": loader.collate_fn,
-            # On a GPU the loader pins its batches in its own thread (else to_device pins them in
-            # the training thread): a user's pin_memory=False is the DataLoader's default, not a choice.
-            "pin_memory": loader.pin_memory or device.type == "cuda",
+            # With workers on a GPU, the loader pins their batches in its own thread (else to_device
+            # pins them in the training thread): a user's pin_memory=False is the DataLoader's
+            # default, not a choice. Workers yield CPU tensors, which can always be pinned.
+            "pin_memory": loader.pin_memory or (device.type == "cuda" and loader.num_workers > 0),
             "worker_init_fn": loader.worker_init_fn,
             "timeout": loader.timeout,
         }

@@ -142,7 +142,7 @@ def probing(model: nn.Module, device: torch.device) -> Iterator[None]:
 INFERENCE_FLOPS_PER_BATCH = 1e9  # enough work that a batch's fixed cost is ~1% of its time on a CPU
 INFERENCE_BATCH_RANGE = (256, 4096)
 INFERENCE_CPU_BYTES = 2 << 30  # what a batch's forward may produce on the CPU
-INFERENCE_GPU_SHARE = 0.25  # of the GPU's free memory
+INFERENCE_GPU_SHARE = 0.25  # of the GPU memory free to this process
 PROBE_SAMPLES = 2
 
 
@@ -153,39 +153,67 @@ def inference_batch_size(model: nn.Module, inputs: Any, count: int, device: torc
     Big enough that a batch does ``INFERENCE_FLOPS_PER_BATCH`` of work, so that the fixed cost of
     each batch (the loop, small kernels) is amortised: overhead-bound models get large batches,
     heavy ones stay at the low end of ``INFERENCE_BATCH_RANGE``. Then small enough that the
-    tensors its forward produces (summed over the model's leaf modules: an upper bound on what
-    is alive at once without autograd) take at most 2 GiB on the CPU, or a quarter of the GPU's
-    free memory. A power of two. Deterministic: the work is counted, not timed (see
-    ``_leaf_work``), and the probe changes nothing (see ``probing``). A model that fails on the
-    probe gets the low end: the pass itself then reports the failure, after its checks.
+    tensors its forward produces (summed over the model's leaf modules; without autograd far
+    less is alive at once) take at most 2 GiB on the CPU, or a quarter of the GPU memory free
+    to this process. A power of two. The work is counted, not timed (see ``_leaf_work``), so on
+    the CPU the choice is the same every time; the probe changes nothing (see ``probing``).
+
+    What runs outside the leaf modules cannot be counted: a model with weights used elsewhere
+    (``nn.MultiheadAttention``'s projections, a functional call on a parameter), one that cannot
+    be hooked (TorchScript) or one that fails on the probe (the pass itself then reports it,
+    after its checks) gets the low end.
 
     Example:
         >>> inference_batch_size(nn.Linear(784, 10), torch.zeros(2, 784), 2, torch.device("cpu"))
         4096
     """
     low, high = INFERENCE_BATCH_RANGE
-    totals = [0.0, 0.0]  # floating-point operations, bytes produced
+    counted = _count_forward(getattr(model, "_orig_mod", model), inputs, device)  # a compiled model: its module
+    if counted is None:
+        return low
+    flops, produced = counted[0] / count, counted[1] / count
+    size = high if flops == 0 else min(high, max(low, int(INFERENCE_FLOPS_PER_BATCH / flops)))
+    if produced:
+        size = min(size, max(1, int(_memory_budget(device) / produced)))
+    return 1 << (size.bit_length() - 1)
+
+
+def _count_forward(model: nn.Module, inputs: Any, device: torch.device) -> tuple[float, float] | None:
+    """(floating-point operations, bytes produced) of one forward, summed over the leaf modules;
+    None when some of the work escapes them (or the model cannot be probed)."""
+    totals = [0.0, 0.0]
+    ran: set[int] = set()  # the parameters of the leaf modules that ran
 
     def tally(module: nn.Module, args: Any, output: Any) -> None:
         produced = tensors_of(output)
         totals[0] += _leaf_work(module, produced)
         totals[1] += sum(tensor.numel() * tensor.element_size() for tensor in produced)
+        ran.update(id(parameter) for parameter in module.parameters(recurse=False))
 
-    hooks = [module.register_forward_hook(tally) for module in model.modules() if next(module.children(), None) is None]
+    hooks = []
     try:
+        for module in model.modules():
+            if next(module.children(), None) is None:
+                hooks.append(module.register_forward_hook(tally))
         with probing(model, device):
             call_model(model, inputs)
-    except Exception:  # the pass itself reports a model that fails, after its checks
-        return low
+    except Exception:  # TorchScript refuses hooks; a model that fails is reported by the pass itself
+        return None
     finally:
         for hook in hooks:
             hook.remove()
-    flops, produced = totals[0] / count, totals[1] / count
-    size = high if flops == 0 else min(high, max(low, int(INFERENCE_FLOPS_PER_BATCH / flops)))
-    budget = INFERENCE_CPU_BYTES if device.type != "cuda" else torch.cuda.mem_get_info(device)[0] * INFERENCE_GPU_SHARE
-    if produced:
-        size = min(size, max(1, int(budget / produced)))
-    return 1 << (size.bit_length() - 1)
+    if any(id(parameter) not in ran for parameter in model.parameters()):
+        return None
+    return totals[0], totals[1]
+
+
+def _memory_budget(device: torch.device) -> float:
+    """What one inference batch's forward may produce: 2 GiB on the CPU; on a GPU a quarter of the
+    memory free to this process (free on the device, plus what its allocator holds unused)."""
+    if device.type != "cuda":
+        return INFERENCE_CPU_BYTES
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free * INFERENCE_GPU_SHARE
 
 
 def _leaf_work(module: nn.Module, produced: list[torch.Tensor]) -> float:
