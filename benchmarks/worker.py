@@ -177,8 +177,9 @@ def _paired_epoch(contender: str, workload: Workload, inputs: torch.Tensor, targ
 
 def _paired(workload: Workload, inputs: torch.Tensor, targets: torch.Tensor, pairs: int) -> dict[str, Any]:
     """trainwell against the hand loop in one process: ``pairs`` rounds (after one to warm up) of
-    one epoch each of ``PAIRED_CONTENDERS``, in a rotated order every round. Between fresh
-    processes the noise is 10% or more on this machine; within a round it is far smaller."""
+    one epoch each of ``PAIRED_CONTENDERS``, in a rotated order every round, so that slow phases
+    of a shared machine hit the contenders of a round alike and the per-round ratios cancel them
+    (what is left is the machine's own noise within a round, reported as the ratios' range)."""
     ratios: dict[str, list[float]] = {"quiet_vs_hand": [], "display_vs_hand": [], "display_vs_quiet": []}
     for round_index in range(pairs + 1):
         shift = round_index % len(PAIRED_CONTENDERS)
