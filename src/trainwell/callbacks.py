@@ -95,6 +95,17 @@ class CallbackList:
         for listener in self.listeners[hook]:
             listener(run)
 
+    def fire_all(self, hook: Hook, run: Run) -> list[BaseException]:
+        """Call every listener of ``hook`` even when one raises (teardown: each closes its files
+        and restores what it changed); return what they raised, in order."""
+        failures = []
+        for listener in self.listeners[hook]:
+            try:
+                listener(run)
+            except BaseException as error:  # raised by the caller once all have run
+                failures.append(error)
+        return failures
+
     def state_dict(self) -> dict[str, Any]:
         """The state of every callback that has one (``state_dict()``), keyed by position and class."""
         return {

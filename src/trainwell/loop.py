@@ -22,7 +22,9 @@ Order of events in ``fit_loop`` (a test asserts it):
         callbacks added during the epoch, such as ``lr``) and appended to the History;
         ``on_epoch_end``
      7. stop if ``run.stop_training``
-  3. ``on_fit_end``, always (also after an exception)
+  3. ``on_fit_end``, always (also after an exception), of every callback even when one raises:
+     the fit's own error, else the first hook's, is raised once all have run, with a note
+     naming each further error (so the display closes and signal handlers are restored)
 
 Nothing here reads a device value per step: losses and metrics go into device-side sums.
 """
@@ -67,8 +69,19 @@ def fit_loop(run: Run) -> None:
             run.batches_done = 0
             if run.stop_training:
                 break
-    finally:
-        run.callbacks.fire("on_fit_end", run)
+    except BaseException as error:
+        _attach(error, run.callbacks.fire_all("on_fit_end", run))
+        raise
+    failures = run.callbacks.fire_all("on_fit_end", run)
+    if failures:
+        raise _attach(failures[0], failures[1:])
+
+
+def _attach(error: BaseException, others: list[BaseException]) -> BaseException:
+    """``error``, with a note naming each of ``others`` (what later ``on_fit_end`` hooks raised)."""
+    for other in others:
+        error.add_note(f"An on_fit_end hook also raised {type(other).__name__}: {other}")
+    return error
 
 
 def train_epoch(run: Run) -> None:

@@ -97,6 +97,7 @@ class Dispatcher(Protocol):
     """Calls the callbacks that listen to a hook (implemented in ``callbacks``)."""
 
     def fire(self, hook: Hook, run: Run) -> None: ...
+    def fire_all(self, hook: Hook, run: Run) -> list[BaseException]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -106,6 +107,10 @@ class NoCallbacks:
 
     def fire(self, hook: Hook, run: Run) -> None:
         """Do nothing."""
+
+    def fire_all(self, hook: Hook, run: Run) -> list[BaseException]:
+        """Nothing to call, nothing raised."""
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         """No state."""
