@@ -149,3 +149,21 @@ def test_evaluate_and_predict_check_their_arguments_too(mlp: nn.Module) -> None:
         tw.predict(nn.Linear, x)  # type: ignore[arg-type]
     with pytest.raises(tw.ConfigError, match="Unsupported kind of data"):
         tw.predict(mlp, "data.csv")
+
+
+def test_the_meta_device_is_refused_before_the_model_moves() -> None:
+    # Moved to "meta", a module keeps shapes and loses its values for good: fit, evaluate and
+    # predict refuse the device before touching the model, whose weights stay as they were.
+    model = make_mlp()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    x, y = blobs()
+    calls = (
+        lambda: tw.fit(model, (x, y), loss="cross_entropy", device="meta", progress=False),
+        lambda: tw.evaluate(model, (x, y), loss="cross_entropy", device="meta"),
+        lambda: tw.predict(model, x, device=torch.device("meta")),
+    )
+    for call in calls:
+        with pytest.raises(tw.ConfigError, match=r"meta device holds shapes, not values(.|\n)*device='auto', 'cpu'"):
+            call()
+        assert all(value.device.type == "cpu" for value in model.state_dict().values())
+        assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())

@@ -814,6 +814,12 @@ def _resolve_device(device: str | torch.device) -> torch.device:
         raise config_error(
             f"Unknown device: {error}", f"device={device!r}", "pass 'auto', 'cpu', 'cuda', 'cuda:1' or 'mps'."
         ) from error
+    if resolved.type == "meta":  # refused before the model moves: there it would lose its weights for good
+        raise config_error(
+            "The meta device holds shapes, not values: a model moved there loses its weights.",
+            f"device={device!r}",
+            "pass device='auto', 'cpu' or 'cuda' (the meta device builds models without memory; it cannot train).",
+        )
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise config_error(
             "CUDA is not available on this machine.", f"device={device!r}", "pass device='auto' or 'cpu'."
