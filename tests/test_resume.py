@@ -24,7 +24,7 @@ import torch
 
 import trainwell as tw
 from trainwell import weights as checkpoint_module
-from trainwell.checkpoints import MANIFEST
+from trainwell.checkpoints import KEEP, MANIFEST
 
 from conftest import blobs, make_mlp
 
@@ -348,3 +348,46 @@ def test_a_second_ctrl_c_during_the_save_leaves_the_previous_checkpoint_intact(
     monkeypatch.setattr(checkpoint_module.os, "fsync", original)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_only_files_the_manifest_listed_are_ever_deleted(tmp_path: Path) -> None:
+    # A ModelCheckpoint saving into the same folder with a name like trainwell's, a user's file,
+    # and a checkpoint-named file the manifest never listed all survive five epochs of clean-up;
+    # trainwell keeps its newest KEEP checkpoints, as before.
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    unlisted = folder / "checkpoint-0000000001-00000-0000001.pt"
+    unlisted.write_bytes(b"copied from elsewhere")
+    best = tw.ModelCheckpoint(folder / "checkpoint-best{epoch}.pt", monitor=None)
+    tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=5, progress=False, seed=0, checkpoint_dir=folder,
+           callbacks=[best])  # fmt: skip
+    names = sorted(path.name for path in folder.iterdir())
+    assert [f"checkpoint-best{epoch}.pt" for epoch in range(1, 6)] == [name for name in names if "best" in name]
+    assert {"notes.txt", unlisted.name, MANIFEST} <= set(names)
+    listed = [entry["file"] for entry in json.loads((folder / MANIFEST).read_text())["checkpoints"]]
+    assert len(listed) == KEEP and all(name in names for name in listed)
+    assert len([name for name in names if name.startswith("checkpoint-0")]) == len(listed) + 1  # + the unlisted
+
+
+def test_a_manifest_naming_other_paths_is_never_followed(tmp_path: Path) -> None:
+    # A planted manifest entry "../victim.pt" is neither loaded nor deleted by the clean-up.
+    folder, victim = tmp_path / "ck", tmp_path / "victim.pt"
+    folder.mkdir()
+    victim.write_bytes(b"precious")
+    digest = hashlib.sha256(b"precious").hexdigest()
+    entry = {"file": "../victim.pt", "sha256": digest, "epoch": 9, "batches_done": 0, "global_step": 9}
+    (folder / MANIFEST).write_text(json.dumps({"format": 1, "checkpoints": [entry]}))
+    tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=4, progress=False, seed=0, checkpoint_dir=folder)
+    assert victim.read_bytes() == b"precious"
+
+
+def test_a_failed_manifest_write_leaves_no_orphan_checkpoint(tmp_path: Path) -> None:
+    # The manifest's place is taken by a folder, so renaming the new manifest over it fails (a real
+    # OSError from the filesystem): the checkpoint written just before is removed, as is every
+    # temporary file, so nothing unlisted is left behind.
+    folder = tmp_path / "ck"
+    (folder / MANIFEST).mkdir(parents=True)
+    with pytest.raises(OSError, match=r"could not write .*manifest\.json"):
+        tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=1, progress=False, checkpoint_dir=folder)
+    assert [path.name for path in folder.iterdir()] == [MANIFEST]

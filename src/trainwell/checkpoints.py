@@ -14,6 +14,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import threading
 import warnings
@@ -32,6 +33,7 @@ from trainwell.weights import atomic_write, clean_state_dict, safe_load, weights
 
 FORMAT_VERSION = 2  # 2: the state is keyed by stateful object (model, optimizer, ..., position)
 MANIFEST = "manifest.json"
+CHECKPOINT_NAME = re.compile(r"checkpoint-\d{10}-\d{5}-\d{7}\.pt")  # what save_checkpoint names its files
 KEEP = 2
 
 
@@ -179,15 +181,23 @@ def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     data = buffer.getvalue()
     position = state["position"]
     name = f"checkpoint-{position['global_step']:010d}-{position['epoch']:05d}-{position['batches_done']:07d}.pt"
+    previous = _manifest_entries(directory)
+    listed = {old["file"] for old in previous}
     atomic_write(data, directory / name)
     entry = {key: position[key] for key in ("epoch", "batches_done", "global_step", "stopped")}
     entry |= {"file": name, "sha256": hashlib.sha256(data).hexdigest()}
-    kept = [entry, *[old for old in _manifest_entries(directory) if old["file"] != name][: KEEP - 1]]
-    atomic_write(json.dumps({"format": FORMAT_VERSION, "checkpoints": kept}, indent=1).encode(), directory / MANIFEST)
-    names = {item["file"] for item in kept}
-    for stale in directory.glob("checkpoint-*.pt"):
-        if stale.name not in names:
-            stale.unlink(missing_ok=True)
+    kept = [entry, *[old for old in previous if old["file"] != name][: KEEP - 1]]
+    try:
+        manifest = json.dumps({"format": FORMAT_VERSION, "checkpoints": kept}, indent=1).encode()
+        atomic_write(manifest, directory / MANIFEST)
+    except BaseException:
+        if name not in listed:  # written by this call and never listed: no one else's file
+            (directory / name).unlink(missing_ok=True)
+        raise
+    # Only what the manifest listed is deleted: other files in the folder, a ModelCheckpoint's
+    # "checkpoint-best3.pt" too, are not trainwell's to remove.
+    for old in listed - {item["file"] for item in kept}:
+        (directory / old).unlink(missing_ok=True)
     return directory / name
 
 
@@ -233,10 +243,16 @@ def _manifest_entries(directory: Path) -> list[dict[str, Any]]:
         return []
     try:
         entries = json.loads(manifest.read_text())["checkpoints"]
-        return [entry for entry in entries if {"file", "sha256"} <= set(entry)]
+        return [entry for entry in entries if {"file", "sha256"} <= set(entry) and _is_own_name(entry["file"])]
     except (ValueError, KeyError, TypeError):
         warnings.warn(f"Ignoring the damaged checkpoint manifest {manifest}.", TrainwellWarning, stacklevel=3)
         return []
+
+
+def _is_own_name(name: Any) -> bool:
+    """Whether a manifest entry names a checkpoint file trainwell writes, in the folder itself (a
+    manifest that names another path is never read from or deleted through)."""
+    return isinstance(name, str) and CHECKPOINT_NAME.fullmatch(name) is not None
 
 
 def restore(run: Run, state: dict[str, Any]) -> None:
