@@ -19,7 +19,6 @@ import functools
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -49,9 +48,9 @@ from gpu_observe import (
     syncs,
 )
 from gpu_timings import ENTRIES, HAND_OPTIMIZER, profile_phases, profile_transfers, time_entry
+from run import git_commit
 from workloads import LR, MOMENTUM, build_model, make_data, make_loader
 
-ROOT = Path(__file__).resolve().parent.parent
 SEED = 0
 DEFAULT_RUNS, QUICK_RUNS, DRY_RUNS = 5, 3, 1
 DEFAULT_BUDGET = 420.0  # seconds; past it, the remaining timings and the profile are skipped
@@ -313,21 +312,8 @@ def trainwell_optimizer(setup: Setup) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _git(*arguments: str) -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", "-C", str(ROOT), *arguments], capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip()
-
-
 def describe_machine(setup: Setup, argv: Sequence[str]) -> dict[str, Any]:
     """Card, versions, date and commit."""
-    commit = _git("rev-parse", "--short", "HEAD")
-    if commit is not None and _git("status", "--porcelain", "--untracked-files=no"):
-        commit += " (with uncommitted changes)"
     return {
         "card": torch.cuda.get_device_name()
         if setup.is_cuda
@@ -336,7 +322,7 @@ def describe_machine(setup: Setup, argv: Sequence[str]) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": commit,
+        "commit": git_commit(),
         "quick": setup.quick,
         "runs": setup.runs,
         "workloads": list(setup.keys),

@@ -253,7 +253,8 @@ def _outcome(samples: int, sums: torch.Tensor) -> Outcome:
     return Outcome(samples, total_loss / items, correct / items)
 
 
-def _trainwell_fit(task: TrainTask, progress: bool) -> Outcome:
+def trainwell_fit(task: TrainTask, progress: bool = True) -> Outcome:
+    """``trainwell.fit(model, loader, optimizer="adamw", metrics=["accuracy"])``, display on or off."""
     loss = "cross_entropy" if _tagger(task) else None  # (g): the model's own loss
     history = trainwell.fit(
         task.model,
@@ -266,16 +267,6 @@ def _trainwell_fit(task: TrainTask, progress: bool) -> Outcome:
         progress=progress,
     )
     return Outcome(len(task.targets), history["loss"][0], history["accuracy"][0])
-
-
-def trainwell_fit(task: TrainTask) -> Outcome:
-    """``trainwell.fit(model, loader, optimizer="adamw", metrics=["accuracy"])``, display on."""
-    return _trainwell_fit(task, progress=True)
-
-
-def trainwell_quiet_fit(task: TrainTask) -> Outcome:
-    """The same with ``progress=False``."""
-    return _trainwell_fit(task, progress=False)
 
 
 @functools.cache
@@ -396,7 +387,7 @@ TEXT_TRAINERS: dict[str, Callable[[TrainTask], Outcome]] = {
     "tutorial": tutorial_fit,
     "best_hand": hand_fit,
     "trainwell": trainwell_fit,
-    "trainwell_quiet": trainwell_quiet_fit,
+    "trainwell_quiet": functools.partial(trainwell_fit, progress=False),
     "lightning": lightning_fit,
     "hf_trainer": hf_trainer_fit,
 }
