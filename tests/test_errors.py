@@ -167,3 +167,18 @@ def test_the_meta_device_is_refused_before_the_model_moves() -> None:
             call()
         assert all(value.device.type == "cpu" for value in model.state_dict().values())
         assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+def test_a_single_callback_is_taken_as_a_list_of_one_and_other_objects_are_refused() -> None:
+    # Keras and Lightning both take callbacks=EarlyStopping(...) alone; so does fit.
+    class Counter(tw.Callback):
+        epochs_seen = 0
+
+        def on_epoch_end(self, run: tw.Run) -> None:
+            self.epochs_seen += 1
+
+    counter = Counter()
+    tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=2, callbacks=counter, progress=False)
+    assert counter.epochs_seen == 2
+    fails_before_training(make_mlp(), tw.ConfigError, match="Every entry of callbacks must be a trainwell.Callback",
+                          train=blobs(), loss="cross_entropy", callbacks=print)  # fmt: skip

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -89,7 +89,7 @@ def fit(
     loss_weights: Mapping[HeadKey, float] | Sequence[float] | None = None,
     output: OutputChoice = None,
     target_key: str | None = TARGET_KEY,
-    callbacks: Sequence[Callback] = (),
+    callbacks: Callback | Sequence[Callback] = (),
     scheduler: str | Any | None = None,
     precision: PrecisionName = "fp32",
     compile: bool | str = False,
@@ -145,7 +145,8 @@ def fit(
             tensor itself, a Mapping's (``ModelOutput``'s) ``logits``, a tuple's first element.
         target_key: Batches that are one dict (or ``BatchEncoding``) hold their targets under
             this key; the model gets it too when its ``forward`` takes it.
-        callbacks: ``trainwell.Callback`` objects, called in order before the display.
+        callbacks: ``trainwell.Callback`` objects, called in order before the display (one alone
+            is taken as a list of one, as Keras and Lightning take it).
         scheduler: A learning-rate schedule: ``"step"``, ``"cosine"`` (with warm-up),
             ``"onecycle"``, ``"reduce_on_plateau"``, a ``trainwell.LRScheduler``, or a torch
             scheduler over ``optimizer`` (stepped per epoch). The lr of each epoch is logged as ``lr``.
@@ -200,6 +201,7 @@ def fit(
         >>> history.epochs, sorted(history)
         (2, ['accuracy', 'loss'])
     """
+    callbacks = list(callbacks) if isinstance(callbacks, Iterable) else [callbacks]  # a single one too
     options = FitOptions(
         loss=loss, optimizer=optimizer, lr=lr, epochs=epochs, batch_size=batch_size, shuffle=shuffle,
         metrics=metrics, val=val, val_split=val_split, loss_weights=loss_weights, output=output,
