@@ -182,6 +182,39 @@ def test_a_wrong_feature_count_names_expected_and_received() -> None:
     assert "has 6" in message
 
 
+class Returns(nn.Module):
+    """A linear layer whose forward returns ``make(prediction)``."""
+
+    def __init__(self, make: Any) -> None:
+        super().__init__()
+        self.layer, self.make = nn.Linear(4, 3), make
+
+    def forward(self, inputs: torch.Tensor) -> Any:
+        return self.make(self.layer(inputs))
+
+
+@pytest.mark.parametrize(
+    ("make", "received"),
+    [
+        (lambda prediction: None, "forward returned None"),
+        (lambda prediction: ("a", 1), "forward returned tuple ('a', 1)"),
+        (lambda prediction: (), "forward returned tuple ()"),
+        (lambda prediction: {"logits": None}, "forward returned dict {'logits': None}"),
+        (lambda prediction: 3.5, "forward returned 3.5"),
+    ],
+)
+@pytest.mark.parametrize("loss", ["cross_entropy", None])
+def test_outputs_without_any_tensor_are_refused_by_the_check(make: Any, received: str, loss: str | None) -> None:
+    # With loss=None, an empty tuple raised IndexError; with a loss, the fix said "name it with
+    # output=", which no choice of output can satisfy.
+    message = unchanged_after_error(Returns(make), tw.DataError, "forward returned no tensor on a sample of the "
+                                    "training data", train=blobs(), loss=loss)  # fmt: skip
+    assert received in message and "return the prediction as a tensor" in message
+    assert ("without `return`" in message) == (received == "forward returned None")
+    with pytest.raises(tw.DataError, match="forward returned no tensor on a sample of the evaluation data"):
+        tw.evaluate(Returns(make), blobs(), loss=loss)
+
+
 # 7. non-finite values
 def test_nan_in_in_memory_data_names_the_first_row_and_column() -> None:
     x, y = blobs()

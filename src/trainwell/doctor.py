@@ -116,6 +116,7 @@ def examine(
             )
         sample = _check_keywords(model, sample, target_key, role, diagnosis)
         outputs, sample = _forward(model, sample, batches, role, diagnosis)
+        _check_outputs(outputs, role)
         if options is None:
             return diagnosis
         sample = _repair_single_target(options, outputs, sample, memory, diagnosis)
@@ -233,6 +234,22 @@ def _forward_error(model: nn.Module, sample: Batch, role: str, error: RuntimeErr
         f"The model failed on a sample of the {role}: {error}",
         f"inputs {describe(sample.inputs)}; model {type(model).__name__}",
         "make the inputs match what the model's first layer expects (number of features, dtype).",
+    )
+
+
+def _check_outputs(outputs: Any, role: str) -> None:
+    """Outputs that hold no tensor at all (None from a forward without ``return``, numbers,
+    strings, empty tuples): no loss, metric or ``output=`` can read them. Other objects are left
+    to ``output=`` (a function of the outputs may read their attributes)."""
+    if outputs is not None and not isinstance(outputs, (tuple, list, Mapping, str, int, float)):
+        return
+    if tensors_of(outputs):
+        return
+    hint = " (a forward that ends without `return` returns None)" if outputs is None else ""
+    raise data_error(
+        f"The model's forward returned no tensor on a sample of the {role}{hint}.",
+        f"forward returned {describe(outputs)}",
+        "return the prediction as a tensor, or a tuple or dict holding tensors (e.g. return self.head(x)).",
     )
 
 
