@@ -182,3 +182,20 @@ def test_a_single_callback_is_taken_as_a_list_of_one_and_other_objects_are_refus
     assert counter.epochs_seen == 2
     fails_before_training(make_mlp(), tw.ConfigError, match="Every entry of callbacks must be a trainwell.Callback",
                           train=blobs(), loss="cross_entropy", callbacks=print)  # fmt: skip
+
+
+def test_sparse_inputs_and_targets_are_refused_with_the_dense_fix(mlp: nn.Module) -> None:
+    # Rows of a sparse tensor cannot be sliced (torch raised NotImplementedError: aten::as_strided).
+    x, y = blobs()
+    for data, layout, role in [
+        ((x.to_sparse(), y), "sparse_coo", "inputs"),
+        ((x, y.to_sparse()), "sparse_coo", "targets"),
+        (torch.utils.data.TensorDataset(x.to_sparse_csr(), y), "sparse_csr", "inputs"),
+    ]:
+        message = fails_before_training(mlp, tw.DataError, match=f"The {role} are a {layout} tensor", train=data,
+                                        loss="cross_entropy")  # fmt: skip
+        assert f"layout {layout}" in message and ".to_dense()" in message
+    with pytest.raises(tw.DataError, match="sparse_coo tensor"):
+        tw.evaluate(mlp, (x.to_sparse(), y), loss="cross_entropy")
+    with pytest.raises(tw.DataError, match="sparse_coo tensor"):
+        tw.predict(mlp, x.to_sparse())

@@ -214,6 +214,15 @@ def _convert(value: Any, role: str, dtype: torch.dtype) -> torch.Tensor:
             )
         value = torch.from_numpy(np.ascontiguousarray(value))
     tensor = _as_tensor(value, role)
+    if tensor.layout != torch.strided:
+        layout = str(tensor.layout).removeprefix("torch.")
+        raise data_error(
+            f"The {role} are a {layout} tensor: trainwell batches in-memory data by selecting rows, which "
+            "sparse layouts do not support.",
+            f"{describe(tensor)}, layout {layout}",
+            "convert them with .to_dense() when they fit in memory, or pass a DataLoader whose collate_fn builds "
+            "the sparse batches your model takes.",
+        )
     if tensor.dim() == 0:
         raise data_error(f"The {role} must have a sample dimension.", describe(tensor), "pass one row per sample.")
     return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
