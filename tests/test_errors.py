@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -199,3 +200,21 @@ def test_sparse_inputs_and_targets_are_refused_with_the_dense_fix(mlp: nn.Module
         tw.evaluate(mlp, (x.to_sparse(), y), loss="cross_entropy")
     with pytest.raises(tw.DataError, match="sparse_coo tensor"):
         tw.predict(mlp, x.to_sparse())
+
+
+def test_load_weights_on_a_truncated_text_or_empty_file_names_the_file(tmp_path: Path) -> None:
+    # torch raised RuntimeError (zip central directory), KeyError or IndexError, and EOFError for these.
+    whole = tw.save_weights(make_mlp(), tmp_path / "whole.pt").read_bytes()
+    for name, content, received in [
+        ("truncated.pt", whole[: len(whole) // 2], f"{len(whole) // 2} bytes; "),
+        ("notes.pt", b"epoch 3: loss 0.12\n", "19 bytes; "),
+        ("empty.pt", b"", "0 bytes (empty)"),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(content)
+        model = make_mlp()
+        before = {key: value.clone() for key, value in model.state_dict().items()}
+        with pytest.raises(tw.DataError, match=f"Could not read {path}: it is empty, truncated or damaged") as raised:
+            tw.load_weights(model, path)
+        assert received in str(raised.value) and "save the weights again" in str(raised.value)
+        assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())

@@ -100,8 +100,9 @@ def safe_load(path: str | Path) -> Any:
     """``torch.load`` with ``weights_only=True``: tensors and plain containers, never code.
 
     Raises:
-        DataError: A missing file, or a file whose pickle would construct other objects (it is
-            refused unread; the message names the object).
+        DataError: A missing file, a file whose pickle would construct other objects (it is
+            refused unread; the message names the object), or a file torch cannot read (empty,
+            truncated, text, another format).
     """
     path = Path(path)
     if not path.is_file():
@@ -117,6 +118,16 @@ def safe_load(path: str | Path) -> Any:
             reason[:300],
             "load only files trainwell (or torch.save of plain tensors) wrote; if you trust the file, "
             "torch.load(path, weights_only=False) yourself.",
+        ) from None
+    except (OSError, MemoryError):  # the file system's or the machine's say, not the file's content
+        raise
+    except Exception as error:  # any other reader error: the content is unusable, said in one line
+        size = path.stat().st_size
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise data_error(
+            f"Could not read {path}: it is empty, truncated or damaged, or not a file torch.save wrote.",
+            f"{size} bytes" + (f"; {type(error).__name__}: {first}" if size else " (empty)"),
+            "save the weights again (trainwell.save_weights), or copy the file again in full.",
         ) from None
 
 
