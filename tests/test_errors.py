@@ -218,3 +218,57 @@ def test_load_weights_on_a_truncated_text_or_empty_file_names_the_file(tmp_path:
             tw.load_weights(model, path)
         assert received in str(raised.value) and "save the weights again" in str(raised.value)
         assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+class OutOfMemoryOnLargeBatches(nn.Module):
+    """Raises torch's out-of-memory error on batches of more than 8 samples (the pre-flight probe
+    has 8), as a device too small for them would. A real CUDA out-of-memory error cannot happen on
+    the CPU machines the tests run on, so this forward raises the error torch raises (the only
+    mock in these tests); ``error`` may also be the CPU allocator's RuntimeError."""
+
+    def __init__(self, error: RuntimeError) -> None:
+        super().__init__()
+        self.layer, self.error = nn.Linear(4, 3), error
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if len(inputs) > 8:
+            raise self.error
+        return self.layer(inputs)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total capacity)"),
+        RuntimeError(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 21474836480 bytes. Error code 12"
+        ),
+    ],
+)
+def test_out_of_memory_says_which_batch_size_to_lower(error: RuntimeError) -> None:
+    model = OutOfMemoryOnLargeBatches(error)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    x, y = blobs()
+    calls = [
+        ("fit", 64, lambda: tw.fit(model, (x, y), loss="cross_entropy", batch_size=64, progress=False)),
+        ("evaluate", 32, lambda: tw.evaluate(model, (x, y), loss="cross_entropy", batch_size=32)),
+        ("evaluate", 300, lambda: tw.evaluate(model, (x, y), loss="cross_entropy")),  # its default: all 300
+        ("predict", 32, lambda: tw.predict(model, x, batch_size=32)),
+    ]
+    for function, size, call in calls:
+        with pytest.raises(torch.OutOfMemoryError) as raised:  # what a batch-size search catches still works
+            call()
+        message = str(raised.value)
+        assert isinstance(raised.value, tw.TrainwellError) and raised.value.__cause__ is error
+        assert message.startswith(f"A batch of {size} samples did not fit in memory in {function}.")
+        assert str(error).split(". ")[0] in message  # torch's reason, as received
+        assert f"fix: pass batch_size={size // 2} to {function}" in message
+        assert ("grad_accum_steps" in message) == (function == "fit")
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+def test_errors_that_are_not_about_memory_pass_through_unchanged() -> None:
+    error = RuntimeError("mat1 and mat2 shapes cannot be multiplied (64x4 and 5x3)")
+    with pytest.raises(RuntimeError) as raised:
+        tw.fit(OutOfMemoryOnLargeBatches(error), blobs(), loss="cross_entropy", batch_size=64, progress=False)
+    assert raised.value is error

@@ -38,6 +38,7 @@ from trainwell.errors import (
     config_error,
     data_error,
     describe,
+    out_of_memory_advice,
     unknown_name_error,
 )
 from trainwell.history import History
@@ -272,7 +273,10 @@ def fit(
             return run.history
         restore(run, state)
     built_optimizer.zero_grad(set_to_none=True)
-    with preserved_modes(model, training=True):
+    with (
+        preserved_modes(model, training=True),
+        out_of_memory_advice("fit", train_batches.batch_size, train_batches.num_samples),
+    ):
         loop.fit_loop(run)
     return run.history
 
@@ -672,7 +676,8 @@ def evaluate(
     tally = _tally(metrics, objective, options)
     run = _inference_run(model, target, tally, objective)
     run.reduce = None if job is None else distributed.all_reduce_sum
-    results = loop.eval_epoch(run, batches, tally)
+    with out_of_memory_advice("evaluate", batches.batch_size, batches.num_samples):
+        results = loop.eval_epoch(run, batches, tally)
     explain_non_finite(batches, "evaluation data", results)  # NaN results from NaN data: say where it is
     return results
 
@@ -717,7 +722,8 @@ def predict(
     model.to(target)
     batches = _inference_batches(data, batch_size, job, target, model, inputs_only=True)
     run = _inference_run(model, target, Tally([], has_loss=False), None)
-    collected = loop.predict_loop(run, batches, for_predict if output is None else _chosen(output))
+    with out_of_memory_advice("predict", batches.batch_size, batches.num_samples):
+        collected = loop.predict_loop(run, batches, for_predict if output is None else _chosen(output))
     if job is None:
         return _concatenate(collected)
     outputs = _concatenate(collected) if collected else None  # a rank may have no sample at all

@@ -6,8 +6,9 @@ from trainwell, so every other module may raise these.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -26,6 +27,14 @@ class ConfigError(TrainwellError):
 
 class DataError(TrainwellError):
     """The data, or the model's outputs against the targets, break the loss's contract."""
+
+
+class OutOfMemoryError(TrainwellError, torch.OutOfMemoryError):
+    """A batch did not fit in the device's memory; the message names the batch size to lower.
+
+    Also a ``torch.OutOfMemoryError``, so code that catches that one (a batch-size search) still
+    does; torch's own error is its ``__cause__``.
+    """
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -126,3 +135,40 @@ def describe(value: Any) -> str:
         return f"{type(value).__name__} of shape {tuple(array_shape)}, dtype {value.dtype}"
     text = repr(value)
     return text if len(text) <= 60 else f"{type(value).__name__} object"
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(function: str, batch_size: int | None, samples: int | None = None) -> Iterator[None]:
+    """Re-raise an out-of-memory error of the block (torch's on a GPU, the allocator's
+    ``RuntimeError`` on the CPU) as ``OutOfMemoryError``, saying which batch size of ``function``
+    to lower (its batches hold ``batch_size`` of the data's ``samples``). Only an except clause:
+    nothing is checked while nothing is raised.
+
+    Example:
+        >>> with out_of_memory_advice("evaluate", 4096, samples=64):  # doctest: +ELLIPSIS
+        ...     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        Traceback (most recent call last):
+        trainwell.errors.OutOfMemoryError: A batch of 64 samples did not fit in memory in evaluate.
+          received: CUDA out of memory. Tried to allocate 2.00 GiB
+          fix: pass batch_size=32 to evaluate (a DataLoader keeps its own batch_size: ...).
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error)
+        if isinstance(error, OutOfMemoryError) or not (
+            isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+        ):
+            raise
+        if batch_size and samples:
+            batch_size = min(batch_size, samples)  # a batch is never larger than the data
+        smaller = f"batch_size={max(batch_size // 2, 1)}" if batch_size else "smaller batches"
+        accumulate = "; raise grad_accum_steps as much: same samples per optimizer step" if function == "fit" else ""
+        raise OutOfMemoryError(
+            format_message(
+                f"A batch{f' of {batch_size} samples' if batch_size else ''} did not fit in memory in {function}.",
+                (text.strip().splitlines() or [type(error).__name__])[0][:300],
+                f"pass {smaller} to {function} (a DataLoader keeps its own batch_size: build it with a smaller "
+                f"one){accumulate}.",
+            )
+        ) from error
