@@ -313,3 +313,59 @@ def test_accumulation_tails_and_batch_norm_under_torchrun(tmp_path: Path) -> Non
     assert first["nan"][2] == alone["nan"][2] or torch.allclose(
         torch.tensor(first["nan"][2]), torch.tensor(alone["nan"][2]), atol=1e-6
     )
+
+
+FOLDERS = textwrap.dedent(
+    """
+    import os, sys
+    import trainwell as tw
+    sys.path.insert(0, sys.argv[4])
+    from conftest import blobs, make_mlp
+
+    layout, base, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    rank, processes = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    # "local": each process names its own folder, as one path on machines without shared storage would be
+    directory = os.path.join(base, f"node{rank}" if layout == "local" else "ck")
+    try:
+        tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=epochs, batch_size=32 // processes, seed=0,
+               progress=False, checkpoint_dir=directory, resume="auto")
+    except tw.ConfigError as error:
+        print(f"rank {rank} refused: {error}", flush=True)
+        sys.exit(3)
+    print(f"rank {rank} trained", flush=True)
+    """
+)
+
+
+def run_folders(tmp_path: Path, layout: str, processes: int, epochs: int) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "folders.py"
+    script.write_text(FOLDERS)
+    command = [sys.executable] if processes == 1 else [TORCHRUN, "--standalone", f"--nproc_per_node={processes}"]
+    arguments = [layout, str(tmp_path / "out"), str(epochs), str(Path(__file__).parent)]
+    return subprocess.run([*command, str(script), *arguments], capture_output=True, text=True, timeout=180,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"}, check=False)  # fmt: skip
+
+
+def test_a_checkpoint_folder_the_processes_do_not_share_is_refused_on_every_rank(tmp_path: Path) -> None:
+    result = run_folders(tmp_path, "local", 2, 2)
+    assert result.returncode != 0
+    for rank in (0, 1):  # every rank says so and exits: none waits in a collective the others left
+        assert f"rank {rank} refused: The checkpoint folder is not shared by the processes" in result.stdout
+    assert "rank 1 does not see rank 0's lock file" in result.stdout
+    assert not list((tmp_path / "out").glob("node*/checkpoint-*.pt"))  # refused before any training
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_resuming_on_another_number_of_processes_is_refused_with_the_fix(
+    tmp_path: Path, before: int, after: int
+) -> None:
+    first = run_folders(tmp_path, "shared", before, 1)
+    assert first.returncode == 0, first.stderr
+    saved = {path.name: path.read_bytes() for path in (tmp_path / "out" / "ck").iterdir()}
+    resumed = run_folders(tmp_path, "shared", after, 2)
+    assert resumed.returncode != 0
+    for rank in range(after):
+        assert f"rank {rank} refused: The checkpoint was written by a different training setup" in resumed.stdout
+    assert f"processes: {before} in the checkpoint, {after} now" in resumed.stdout
+    assert (f"torchrun --nproc_per_node={before}" if before > 1 else "python script.py: 1 process") in resumed.stdout
+    assert {path.name: path.read_bytes() for path in (tmp_path / "out" / "ck").iterdir()} == saved

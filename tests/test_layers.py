@@ -11,7 +11,7 @@ SOURCE = Path(trainwell.__file__).parent
 LAYERS = [
     {"__init__", "__main__", "cli", "datasets", "lr_finder", "summary"},
     {"api"},
-    {"loop", "doctor"},
+    {"loop", "doctor", "folder"},
     {"progress", "weights", "checkpoints", "callbacks", "schedules", "loggers"},
     {"run", "history"},
     {"batches", "objective"},

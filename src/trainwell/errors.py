@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import os
+import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -51,6 +54,15 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class TrainwellWarning(UserWarning):
     """A repair trainwell made to the input (a cast, a reshape) or a likely mistake it noticed."""
+
+
+def warn(message: str) -> None:
+    """Show ``message`` as a ``TrainwellWarning`` attributed to the user's line that called
+    trainwell (the first frame outside this package), however deep inside it the warning arose."""
+    package, frame, level = os.path.dirname(__file__), sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, TrainwellWarning, stacklevel=level)
 
 
 def format_message(what: str, received: str, fix: str) -> str:
