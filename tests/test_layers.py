@@ -20,10 +20,10 @@ LAYERS = [
     {"errors"},
 ]
 # Within the built-in hooks layer, the others may import the Callback base, and checkpoints write
-# files through weights' atomic writer; the Run holds the History.
+# files through weights' atomic writer (as the CSV logger does on a resume); the Run holds the History.
 ALLOWED_SIBLINGS = {
     ("progress", "callbacks"), ("weights", "callbacks"), ("checkpoints", "callbacks"), ("checkpoints", "weights"),
-    ("schedules", "callbacks"), ("loggers", "callbacks"), ("run", "history"),
+    ("schedules", "callbacks"), ("loggers", "callbacks"), ("loggers", "weights"), ("run", "history"),
 }  # fmt: skip
 
 

@@ -389,3 +389,46 @@ def test_a_failed_manifest_write_leaves_no_orphan_checkpoint(tmp_path: Path) -> 
         tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=1, progress=False, checkpoint_dir=folder)
     assert [path.name for path in folder.iterdir()] == [MANIFEST]
 
+
+LOGGED = textwrap.dedent(
+    """
+    import os, signal, sys
+    import trainwell as tw
+    sys.path.insert(0, sys.argv[4])
+    from conftest import blobs, make_mlp
+
+    directory, log, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    class Kill(tw.Callback):  # after the logger wrote the epoch's row, before the checkpoint holds it
+        def on_epoch_end(self, run):
+            if run.epoch + 1 == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=4, metrics=["accuracy"], seed=0, progress=False,
+           callbacks=[tw.CSVLogger(log, append=sys.argv[5] == "append"), Kill()], checkpoint_dir=directory,
+           resume="auto")
+    """
+)
+
+
+@pytest.mark.parametrize("append", ["append", "replace"])
+def test_the_csv_log_of_a_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path: Path, append: str) -> None:
+    script = tmp_path / "logged.py"
+    script.write_text(LOGGED)
+
+    def run(name: str, kill_at: int) -> subprocess.CompletedProcess[str]:
+        arguments = [str(tmp_path / f"{name}-ck"), str(tmp_path / f"{name}.csv"), str(kill_at),
+                     str(Path(__file__).parent), append]  # fmt: skip
+        return subprocess.run([sys.executable, str(script), *arguments], capture_output=True, text=True, timeout=300,
+                              check=False, env=os.environ | {"OMP_NUM_THREADS": "1"})  # fmt: skip
+
+    assert run("golden", 0).returncode == 0
+    if append == "append":  # rows of an earlier run stay first
+        (tmp_path / "resumed.csv").write_text((tmp_path / "golden.csv").read_text())
+    for kill_at in (2, 3):
+        assert run("resumed", kill_at).returncode == -signal.SIGKILL
+    finished = run("resumed", 0)
+    assert finished.returncode == 0, finished.stderr
+    golden = (tmp_path / "golden.csv").read_text()
+    expected = golden + golden.split("\n", 1)[1] if append == "append" else golden
+    assert (tmp_path / "resumed.csv").read_text() == expected  # every epoch once, the values bitwise

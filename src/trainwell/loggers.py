@@ -6,19 +6,23 @@ Owns: those files (written by the main process only). Must not change training.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import IO, Any
 
 from trainwell.callbacks import Callback
 from trainwell.errors import config_error
 from trainwell.run import Run
+from trainwell.weights import atomic_write
 
 
 class CSVLogger(Callback):
     """Writes one row per epoch (``epoch`` 1-based, then every log key) to a CSV file.
 
     Rows are flushed each epoch, so the file is useful while training runs. Only the main
-    process writes.
+    process writes. A resumed run continues the file: the rows written up to its checkpoint
+    are kept (a row written after it, by an epoch the resumed run trains again, is not), with
+    or without ``append``.
 
     Args:
         path: The CSV file.
@@ -31,26 +35,50 @@ class CSVLogger(Callback):
         self.file: IO[str] | None = None
         self.writer: Any = None
         self.columns: list[str] = []
+        self.rows = 0  # data rows in the file: what a checkpoint records
+        self.kept: int | None = None  # a resumed run's rows, from its checkpoint
 
     def on_fit_start(self, run: Run) -> None:
-        if not run.is_main_process:
-            return
-        exists = self.append and self.path.is_file() and self.path.stat().st_size > 0
-        if exists:
+        self.kept = None
+        if run.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if run.callback_states is None:  # a resumed run opens the file once its state is known
+                self._open()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rows written so far."""
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Keep only the rows written up to the checkpoint."""
+        self.kept = int(state["rows"])
+
+    def _open(self) -> None:
+        lines: list[list[str]] = []
+        if (self.append or self.kept is not None) and self.path.is_file():
             with self.path.open(newline="") as file:
-                self.columns = next(csv.reader(file))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self.path.open("a" if exists else "w", newline="")
+                lines = list(csv.reader(file))
+        if self.kept is not None and len(lines) > self.kept + 1:  # rows of an epoch the resumed run trains again
+            lines = lines[: self.kept + 1]
+            kept = io.StringIO()
+            csv.writer(kept).writerows(lines)
+            atomic_write(kept.getvalue().encode(), self.path)
+        self.columns, self.rows = (lines[0], len(lines) - 1) if lines else ([], 0)
+        self.file = self.path.open("a" if lines else "w", newline="")
         self.writer = csv.writer(self.file)
 
     def on_epoch_end(self, run: Run) -> None:
-        if self.file is None:
+        if not run.is_main_process:
             return
+        if self.file is None:
+            self._open()
         if not self.columns:
             self.columns = ["epoch", *run.logs]
             self.writer.writerow(self.columns)
         values = {"epoch": run.epoch + 1, **run.logs}
         self.writer.writerow([repr(values[column]) if column in values else "" for column in self.columns])
+        self.rows += 1
+        assert self.file is not None
         self.file.flush()
 
     def on_fit_end(self, run: Run) -> None:
