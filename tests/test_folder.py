@@ -218,3 +218,49 @@ def test_a_checkpoint_missing_a_part_is_refused_before_any_weight_changes(tmp_pa
     with pytest.warns(tw.TrainwellWarning, match=f"Skipping checkpoint {newest}"):
         history = fit_with(tmp_path, epochs=3, resume=True)  # the folder falls back to the intact one
     assert history.epochs == 3 and older.name in {entry["file"] for entry in manifest["checkpoints"]}
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A real 4 MiB file system (tmpfs), so that "disk full" is the kernel's own ENOSPC."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mount)], check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here (mounting needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+class FillDisk(tw.Callback):
+    """At the end of epoch ``at``, before the checkpoint is written, fills the disk until only
+    room for ``pages`` pages of 4 KiB remains."""
+
+    def __init__(self, directory: Path, at: int, pages: int) -> None:
+        self.directory, self.at, self.pages = directory, at, pages
+
+    def on_epoch_end(self, run: Any) -> None:
+        if run.epoch + 1 == self.at:
+            stats = os.statvfs(self.directory)
+            with (self.directory.parent / "filler").open("wb") as file:
+                os.posix_fallocate(file.fileno(), 0, stats.f_bavail * stats.f_frsize - self.pages * 4096)
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "manifest"])
+def test_a_real_full_disk_keeps_the_previous_checkpoint_leaves_no_orphan_and_resumes(
+    small_disk: Path, tmp_path: Path, where: str
+) -> None:
+    directory = small_disk / "ck"
+    golden = fit_with(tmp_path / "golden", model=make_mlp(hidden=4096), epochs=4)
+    fit_with(directory, model=make_mlp(hidden=4096), epochs=2)
+    before = contents(directory)
+    # Room for nothing, or for exactly the next checkpoint (its size in pages, as the last one's)
+    # and not for the manifest that would mark it complete.
+    pages = 0 if where == "checkpoint" else -(-max(len(data) for data in before.values()) // 4096)
+    with pytest.raises(OSError, match=r"could not write .*No space left on device") as raised:
+        fit_with(directory, model=make_mlp(hidden=4096), epochs=4, resume=True,
+                 callbacks=[FillDisk(directory, at=3, pages=pages)])  # fmt: skip
+    assert (MANIFEST if where == "manifest" else "checkpoint-") in str(raised.value)
+    assert contents(directory) == before  # no orphan, no temporary file, the previous checkpoints intact
+    (small_disk / "filler").unlink()
+    resumed = fit_with(directory, model=make_mlp(hidden=4096), epochs=4, resume=True)
+    assert resumed["loss"] == pytest.approx(golden["loss"], rel=1e-6)
