@@ -11,7 +11,7 @@ import math
 import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -66,9 +66,10 @@ class Metric:
         a device tensor when some positions do not count)."""
         raise NotImplementedError
 
-    def finalize(self, total: float, count: float) -> float:
-        """Turn reduced sums into the reported value."""
-        return total / count if count else math.nan
+    def finalize(self, total: Any, count: float) -> float | dict[str, float]:
+        """Turn reduced sums into the reported value (``total`` is a list for a vector sum; a
+        dict result logs one key per entry)."""
+        return float(total / count) if count else math.nan
 
 
 class Accuracy(Metric):
@@ -163,8 +164,167 @@ class RootMeanSquaredError(MeanSquaredError):
 
     name = "rmse"
 
-    def finalize(self, total: float, count: float) -> float:
+    def finalize(self, total: Any, count: float) -> float:
         return math.sqrt(total / count) if count else math.nan
+
+
+Average = Literal["binary", "micro", "macro", "weighted", "per_class"]
+COUNTING_NAMES = (
+    "precision",
+    "recall",
+    "f1",
+    "f1_macro",
+    "f1_micro",
+    "f1_weighted",
+    "f1_per_class",
+    "balanced_accuracy",
+    "iou",
+    "dice",
+)  # fmt: skip  (the names an unknown one is compared with)
+COUNTING_NAME = re.compile(
+    r"(?P<kind>precision|recall|f1|iou|dice)(?:_(?P<average>micro|macro|weighted|per_class))?|balanced_accuracy"
+)
+
+
+class ClassCounts(Metric):
+    """Precision, recall, F1, IoU, Dice or balanced accuracy, from one confusion matrix summed on
+    the device (exact over the epoch and across processes, unlike a mean of batch scores).
+
+    The task follows the outputs: arg-max classes for (N, C, ...) outputs with C > 1 (a C x C
+    matrix), thresholded yes/no for one output per sample (2 x 2), one yes/no per label for
+    several outputs with a binary loss (L x 2 x 2). Positions labelled ``ignore_index`` count
+    neither way. Values match scikit-learn's (``zero_division=0``): a class that is neither in
+    the targets nor predicted is left out of the averages; balanced accuracy averages the recall
+    of the classes present in the targets.
+
+    Args:
+        kind: ``"precision"``, ``"recall"``, ``"f1"``, ``"iou"`` (Jaccard), ``"dice"`` (F1 of a
+            class) or ``"balanced_accuracy"``.
+        average: ``"binary"`` (the positive class), ``"micro"``, ``"macro"``, ``"weighted"``
+            (by support), ``"per_class"`` (one value per class); None: ``"binary"`` for one
+            output, ``"macro"`` otherwise.
+        width: Outputs per sample (classes, or labels), when known before the first batch (then
+            every process sums the same shape, even one that sees no batch).
+        mode, threshold, ignore_index: As for ``Accuracy``.
+    """
+
+    counts = True
+
+    def __init__(
+        self,
+        kind: str,
+        average: Average | None = None,
+        *,
+        width: int | None = None,
+        mode: AccuracyMode = "auto",
+        threshold: float = 0.5,
+        ignore_index: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.kind, self.average, self.width = kind, average, width
+        self.mode, self.threshold, self.ignore_index = mode, threshold, ignore_index
+        self.name = kind if average is None else f"{kind}_{average}"
+        self.multiclass = False
+
+    def _allocate(self, width: int, device: torch.device) -> None:
+        self.width = width
+        self.multiclass = self.mode == "multiclass" or (self.mode == "auto" and width > 1)
+        shape = (width, width) if self.multiclass else (width, 2, 2) if width > 1 else (2, 2)
+        self.total = torch.zeros(shape, dtype=torch.int64, device=device)
+
+    def reset(self, device: torch.device) -> None:
+        if self.width:
+            self._allocate(self.width, device)
+        else:  # sized by the first batch
+            self.total = torch.zeros((), dtype=torch.int64, device=device)
+        self.count = 1
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.total.dim() == 0:
+            self._allocate(outputs.shape[1] if outputs.dim() >= 2 else 1, outputs.device)
+        width = self.total.shape[0]
+        if targets.shape == outputs.shape and self.multiclass:  # one-hot or class probabilities
+            targets = targets.argmax(1)
+        counted = torch.ones_like(targets, dtype=torch.int64)
+        if self.ignore_index is not None:
+            counted = (targets != self.ignore_index).long()
+        if self.multiclass:
+            predicted = outputs.argmax(1)
+            truth, cells = targets.reshape(predicted.shape).long(), width
+            counted = counted.reshape(predicted.shape)
+            offset: int | torch.Tensor = 0
+        else:  # yes/no per output; with several labels, label l's own 2 x 2 cells start at 4 l
+            predicted = (outputs > self.threshold).long()
+            truth, cells = (targets.reshape(outputs.shape) > 0.5).long(), 2
+            counted = counted.reshape(outputs.shape)
+            offset = 0
+            if self.total.dim() == 3:
+                offset = 4 * torch.arange(width, device=outputs.device).view(1, -1, *[1] * (outputs.dim() - 2))
+        index = offset + truth * counted * cells + predicted  # an ignored position adds 0 to some cell
+        self.total.view(-1).index_add_(0, index.reshape(-1), counted.reshape(-1))
+
+    def finalize(self, total: Any, count: float) -> float | dict[str, float]:
+        matrix = np.asarray(total, dtype=np.float64).reshape(self.total.shape)
+        return class_count_value(matrix, self.kind, self.average)
+
+
+def class_count_value(matrix: np.ndarray, kind: str, average: Average | None) -> float | dict[str, float]:
+    """A counting metric from a confusion matrix: (C, C) with rows the truth and columns the
+    prediction, or (L, 2, 2) for L yes/no labels.
+
+    Example:
+        >>> matrix = np.array([[5, 1], [2, 2]])  # 2 of the 4 positives found, 1 false alarm
+        >>> class_count_value(matrix, "recall", None), class_count_value(matrix, "precision", "macro")
+        (0.5, 0.6904761904761905)
+    """
+    labels = matrix.ndim == 3
+    if labels:  # each label's positive class: tp, fp, fn from its own 2 x 2 matrix
+        tp, fp, fn = matrix[:, 1, 1], matrix[:, 0, 1], matrix[:, 1, 0]
+        support, present = tp + fn, np.ones(len(matrix), dtype=bool)
+    else:
+        tp = np.diag(matrix)
+        support, predicted = matrix.sum(1), matrix.sum(0)
+        fp, fn, present = predicted - tp, support - tp, (support + predicted) > 0
+    if kind == "balanced_accuracy":
+        if labels:
+            raise config_error(
+                "balanced_accuracy is for one class per sample, not several yes/no labels.",
+                f"{len(matrix)} labels",
+                "use recall_macro (the mean recall over labels).",
+            )
+        recalls = _ratio(tp, support)[support > 0]
+        return float(recalls.mean()) if len(recalls) else 0.0
+    average = average or ("binary" if not labels and len(matrix) == 2 else "macro")
+    numerator, denominator = {
+        "precision": (tp, tp + fp),
+        "recall": (tp, tp + fn),
+        "f1": (2 * tp, 2 * tp + fp + fn),
+        "dice": (2 * tp, 2 * tp + fp + fn),
+        "iou": (tp, tp + fp + fn),
+    }[kind]
+    if average == "micro":
+        return float(_ratio(numerator[present].sum(), denominator[present].sum()))
+    values = _ratio(numerator, denominator)
+    if average == "binary":
+        if labels:
+            raise config_error(
+                f"{kind}_binary needs one yes/no output per sample.",
+                f"{len(matrix)} labels",
+                f"use {kind}_macro, {kind}_micro or {kind}_per_class.",
+            )
+        return float(values[-1])
+    if average == "per_class":
+        return {str(index): float(value) for index, value in enumerate(values)}
+    if average == "weighted":
+        weights = support * present
+        return float((values * weights).sum() / weights.sum()) if weights.sum() else 0.0
+    return float(values[present].mean()) if present.any() else 0.0
+
+
+def _ratio(numerator: Any, denominator: Any) -> Any:
+    """numerator / denominator, 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denominator > 0, np.divide(numerator, denominator), 0.0)
 
 
 METRIC_FIX = "return a scalar tensor, e.g. (outputs.argmax(1) == targets).float().mean()"
@@ -250,6 +410,7 @@ def resolve_metric(
     threshold: float,
     mode: AccuracyMode,
     ignore_index: int | None = None,
+    width: int | None = None,
 ) -> Metric | ExternalMetric:
     """Turn one entry of ``metrics=[...]`` into a fresh accumulator.
 
@@ -259,6 +420,7 @@ def resolve_metric(
         threshold: Binary decision threshold for accuracy (chosen by the caller from the loss).
         mode: Accuracy mode (chosen by the caller from the loss).
         ignore_index: The label of positions accuracy does not count (from the loss).
+        width: Outputs per sample (classes or labels) on the probe batch, for counting metrics.
 
     Raises:
         ConfigError: Unknown name or unsupported object.
@@ -273,8 +435,13 @@ def resolve_metric(
             return TopKAccuracy(int(top_k.group(1)), ignore_index)
         if metric == "accuracy":
             return Accuracy(threshold, mode, ignore_index)
+        counting = COUNTING_NAME.fullmatch(metric)
+        if counting:
+            average = cast(Average | None, counting.group("average"))
+            kind = counting.group("kind") or metric
+            return ClassCounts(kind, average, width=width, mode=mode, threshold=threshold, ignore_index=ignore_index)
         if metric not in METRICS:
-            raise unknown_name_error("metric", metric, [*METRICS, "top5_accuracy (any k)"])
+            raise unknown_name_error("metric", metric, [*METRICS, *COUNTING_NAMES, "top5_accuracy (any k)"])
         return METRICS[metric]()
     if isinstance(metric, (Metric, ExternalMetric)):
         return copy.deepcopy(metric)
@@ -389,7 +556,7 @@ def check_metric(metric: Metric | ExternalMetric, outputs: Any, targets: Any, na
         elif isinstance(probe, Metric):
             probe.reset(device)
             probe.update(outputs, targets)
-            result = probe.total
+            result = probe.finalize(probe.total.tolist(), 1.0)
         else:
             _reset_external(probe, device)
             probe.update(outputs, targets)
@@ -400,6 +567,8 @@ def check_metric(metric: Metric | ExternalMetric, outputs: Any, targets: Any, na
             f"outputs {describe(outputs)}, targets {describe(targets)}",
             METRIC_FIX + ", computed from (outputs, targets).",
         ) from error
+    if isinstance(result, dict) and isinstance(probe, Metric) and not isinstance(probe, FunctionMetric):
+        return  # a built-in metric with one number per class: logged as one key each
     if scalar_tensor(result, device) is None:
         raise unusable_result_error(name, result)
 
@@ -534,7 +703,9 @@ class Tally:
         builtin = [metric for _, metric in self.builtin]
         counts = _stack([self.loss_count, self.samples, *[metric.count for metric in builtin]], dtype, device)
         named = list(self.named.values())
-        sums = torch.stack([self.loss_total, *[metric.total.to(dtype) for metric in builtin], *named])
+        sums = torch.cat(
+            [tensor.to(dtype).reshape(-1) for tensor in (self.loss_total, *(m.total for m in builtin), *named)]
+        )
         packed = torch.cat([sums, counts])
         if reduce is not None:
             packed = reduce(packed)
@@ -545,15 +716,34 @@ class Tally:
             logs["loss"] = totals[0] / loss_count if loss_count else math.nan
         for name, total in zip(self.named, totals[len(sums) - len(named) :], strict=True):
             logs[name] = total / samples if samples else math.nan
-        results = {
-            name: metric.finalize(total, count)
-            for (name, metric), total, count in zip(self.builtin, totals[1 : 1 + len(builtin)], counted, strict=True)
-        }
+        results: dict[str, Any] = {}
+        start = 1
+        for (name, metric), count in zip(self.builtin, counted, strict=True):  # each metric's sums, in order
+            size = metric.total.numel()
+            piece = totals[start : start + size]
+            results[name] = metric.finalize(piece[0] if metric.total.dim() == 0 else piece, count)
+            start += size
         for name, external in self.external:
-            results[name] = float(external.compute())
+            results[name] = external_value(external.compute())
         for slot in self.slots:
-            logs[slot.name] = results[slot.name]
+            logs.update(expand(slot.name, results[slot.name]))
         return {self.prefix + key: value for key, value in logs.items()}
+
+
+def external_value(value: Any) -> float | dict[str, float]:
+    """A torchmetrics-style result: one number, or one per class (a vector)."""
+    if isinstance(value, torch.Tensor) and value.numel() > 1:
+        return {str(index): float(item) for index, item in enumerate(value.reshape(-1).tolist())}
+    return float(value)
+
+
+def expand(name: str, value: float | dict[str, float]) -> dict[str, float]:
+    """A metric's log entries: ``{name: value}``, or one key per part of a result with several
+    (``f1_per_class`` gives ``f1_0``, ``f1_1``, ...)."""
+    if isinstance(value, dict):
+        base = name.removesuffix("_per_class")
+        return {f"{base}_{part}": float(item) for part, item in value.items()}
+    return {name: value}
 
 
 def _stack(counts: list[Count], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

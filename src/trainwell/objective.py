@@ -222,6 +222,8 @@ class Head:
         weighted_fn: The loss with per-sample weights, for data that carries them.
         shift: The model's own loss scores position t against label t + 1 (a causal language
             model shifts its labels itself): metrics and counted items do the same.
+        width: Outputs per sample of its view on the probe batch (classes, or yes/no labels;
+            1 for one value per sample): counting metrics size their sums with it.
     """
 
     name: str
@@ -233,6 +235,7 @@ class Head:
     is_structured: bool = False
     weighted_fn: WeightedLossFn | None = None
     shift: bool = False
+    width: int | None = None
 
     def view(self, outputs: Any, targets: Any) -> tuple[Any, Any]:
         """The head's outputs and targets as its named loss and its metrics read them."""
@@ -399,7 +402,19 @@ def build_objective(
     if counted is not None:
         ignore_index, per_sample = counted
         objective = Objective(heads, has_own, ignore_index, True, max(per_sample, 1e-6), notes)
+    objective = replace(objective, heads=tuple(replace(head, width=_width(head, outputs, targets)) for head in heads))
     return with_sample_weights(objective) if has_weights else objective
+
+
+def _width(head: Head, outputs: Any, targets: Any) -> int | None:
+    """Outputs per sample of the head's view (None when it is not one tensor)."""
+    try:
+        prediction = head.view(outputs, targets)[0]
+    except Exception:  # a view the probe cannot take is reported by the checks that need it
+        return None
+    if not isinstance(prediction, torch.Tensor):
+        return None
+    return prediction.shape[1] if prediction.dim() >= 2 else 1
 
 
 def _single_head(options: LossOptions, outputs: Any, targets: Any, notes: list[str]) -> Head:
@@ -614,7 +629,8 @@ def _slot(prefix: str, metric: MetricArg, head_name_: str | None, objective: Obj
     ignore_index = objective.ignore_index if objective is not None and objective.counts_items else None
     if isinstance(metric, Structured):
         return MetricSlot(prefix + metric.__name__, FunctionMetric(metric.fn, metric.__name__), None)
-    resolved = resolve_metric(metric, threshold=threshold, mode=mode, ignore_index=ignore_index)
+    width = head.width if head is not None else None
+    resolved = resolve_metric(metric, threshold=threshold, mode=mode, ignore_index=ignore_index, width=width)
     route = None if head is None or objective is None else objective.route(head)
     return MetricSlot(prefix + metric_name(resolved), resolved, route)
 

@@ -1,0 +1,130 @@
+"""Precision, recall, F1, IoU, Dice and balanced accuracy from trainwell's confusion-matrix
+sums, against scikit-learn's own functions on random label sets (absent classes, zero
+divisions, ignored positions, any split into batches): equal within 1e-9 (float64 division
+of the same integer counts; 1e-6 is the issue's bound)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as sk
+from torch import nn
+
+import trainwell as tw
+
+AVERAGED = ("precision", "recall", "f1", "iou", "dice")
+TOLERANCE = 1e-9
+
+
+class Fixed(nn.Module):
+    """Returns the stored scores of the samples whose indices it is given."""
+
+    def __init__(self, scores: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scores", scores)
+        self.unused = nn.Parameter(torch.zeros(()))  # evaluate needs no parameter; fit would
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        return self.scores[index.long().reshape(-1)]
+
+
+def reference(kind: str, average: str | None, truth: np.ndarray, predicted: np.ndarray, labels: bool) -> Any:
+    """scikit-learn's value, with trainwell's default average (binary for one output, else macro)."""
+    average = average or ("macro" if labels or len(np.unique(np.concatenate([truth, predicted]))) > 2 else "binary")
+    if average == "binary" and not labels and not set(np.unique(np.concatenate([truth, predicted]))) <= {0, 1}:
+        average = "macro"
+    sk_average = None if average == "per_class" else average
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "iou":
+            return sk.jaccard_score(truth, predicted, average=sk_average, zero_division=0)
+        if kind == "balanced_accuracy":
+            return sk.balanced_accuracy_score(truth, predicted)
+        precision, recall, f1, _ = sk.precision_recall_fscore_support(
+            truth, predicted, average=sk_average, zero_division=0
+        )
+        return {"precision": precision, "recall": recall, "f1": f1, "dice": f1}[kind]
+
+
+def names_for(labels: bool) -> list[str]:
+    names = [f"{kind}{suffix}" for kind in AVERAGED for suffix in ("", "_micro", "_macro", "_weighted", "_per_class")]
+    return names if labels else [*names, "balanced_accuracy"]
+
+
+def check(results: dict[str, float], truth: np.ndarray, predicted: np.ndarray, labels: bool, width: int) -> None:
+    for name in names_for(labels):
+        kind, _, average = name.partition("_") if name != "balanced_accuracy" else (name, "", "")
+        expected = reference(kind, average or None, truth, predicted, labels)
+        if average == "per_class":  # every class of the outputs, absent ones 0 (scikit-learn lists present ones)
+            present = np.unique(np.concatenate([truth, predicted])) if not labels else np.arange(width)
+            got = {int(key.rsplit("_", 1)[1]): value for key, value in results.items() if key.startswith(f"{kind}_")
+                   and key.rsplit("_", 1)[1].isdigit()}  # fmt: skip
+            assert sorted(got) == list(range(width)), name
+            for index, value in zip(present, np.atleast_1d(expected), strict=True):
+                assert got[int(index)] == pytest.approx(value, abs=TOLERANCE), (name, index)
+            assert all(got[index] == 0 for index in set(range(width)) - set(present.tolist())), name
+        else:
+            assert results[name] == pytest.approx(expected, abs=TOLERANCE), name
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_multiclass_values_equal_scikit_learn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    classes, samples = int(rng.integers(2, 7)), int(rng.integers(1, 80))
+    seen = rng.choice(classes, size=int(rng.integers(1, classes + 1)), replace=False)  # some classes absent
+    truth = rng.choice(seen, size=samples)
+    scores = torch.tensor(rng.normal(size=(samples, classes)), dtype=torch.float32)
+    scores[:, rng.integers(classes)] -= 10 * float(rng.integers(0, 2))  # sometimes a class never predicted
+    ignored = rng.random(samples) < (0.2 if seed % 2 else 0.0)
+    if ignored.all():
+        ignored[0] = False
+    targets = torch.tensor(np.where(ignored, -100, truth))
+    results = tw.evaluate(Fixed(scores), (torch.arange(samples), targets), loss="cross_entropy",
+                          metrics=names_for(False), batch_size=int(rng.integers(1, 40)))  # fmt: skip
+    predicted = scores.argmax(1).numpy()
+    check(results, truth[~ignored], predicted[~ignored], labels=False, width=classes)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_binary_values_equal_scikit_learn(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    samples = int(rng.integers(1, 80))
+    truth = (rng.random(samples) < rng.choice([0.0, 0.3, 1.0])).astype(np.int64)  # sometimes one class only
+    scores = torch.tensor(rng.normal(size=(samples, 1)) + rng.choice([-5.0, 0.0, 5.0]), dtype=torch.float32)
+    results = tw.evaluate(Fixed(scores), (torch.arange(samples), torch.tensor(truth, dtype=torch.float32)[:, None]),
+                          loss="bce_with_logits", metrics=names_for(False), batch_size=int(rng.integers(1, 40)))  # fmt: skip
+    predicted = (scores[:, 0] > 0).long().numpy()
+    check(results, truth, predicted, labels=False, width=2)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_multilabel_values_equal_scikit_learn(seed: int) -> None:
+    rng = np.random.default_rng(200 + seed)
+    width, samples = int(rng.integers(2, 6)), int(rng.integers(1, 80))
+    truth = (rng.random((samples, width)) < rng.random(width)).astype(np.int64)
+    truth[:, 0] = 0  # a label that never occurs: zero divisions
+    scores = torch.tensor(rng.normal(size=(samples, width)), dtype=torch.float32)
+    results = tw.evaluate(Fixed(scores), (torch.arange(samples), torch.tensor(truth, dtype=torch.float32)),
+                          loss="bce_with_logits", metrics=names_for(True), batch_size=int(rng.integers(1, 40)))  # fmt: skip
+    check(results, truth, (scores > 0).long().numpy(), labels=True, width=width)
+
+
+def test_segmentation_with_void_pixels_equals_scikit_learn_on_the_counted_pixels() -> None:
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 4, 5, 7, generator=generator)  # (N, C, H, W)
+    masks = torch.randint(0, 4, (6, 5, 7), generator=generator)
+    masks[:, 0, :] = 255  # a void row
+    results = tw.evaluate(Fixed(scores.flatten(1)), (torch.arange(6), masks), batch_size=4,
+                          loss=nn.CrossEntropyLoss(ignore_index=255), output=lambda flat: flat.view(-1, 4, 5, 7),
+                          metrics=["iou", "dice", "iou_per_class", "balanced_accuracy"])  # fmt: skip
+    counted = masks != 255
+    truth, predicted = masks[counted].numpy(), scores.argmax(1)[counted].numpy()
+    assert results["iou"] == pytest.approx(sk.jaccard_score(truth, predicted, average="macro"), abs=TOLERANCE)
+    assert results["dice"] == pytest.approx(sk.f1_score(truth, predicted, average="macro"), abs=TOLERANCE)
+    assert results["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(truth, predicted), abs=TOLERANCE)
+    per_class = sk.jaccard_score(truth, predicted, average=None)
+    assert [results[f"iou_{index}"] for index in range(4)] == pytest.approx(per_class, abs=TOLERANCE)
