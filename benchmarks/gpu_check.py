@@ -128,14 +128,15 @@ def check_no_host_sync(setup: Setup) -> Verdict:
         guard = SyncGuard(strict=setup.is_cuda)
         model = build_model("mlp_small")
         fit_for_check(setup, model, check_data(setup, samples), epochs=epochs, grad_accum_steps=accumulation,
-                      callbacks=[guard])  # fmt: skip
+                      callbacks=[guard], metrics=["accuracy", "f1_macro", "iou"])  # fmt: skip
         expected = epochs * per_epoch
         require(
             guard.guarded_epochs == epochs and guard.guarded_batches == expected,
             f"the guard held over {guard.guarded_batches} batches in {guard.guarded_epochs} epochs, not {expected}",
         )
         guarded += guard.guarded_batches
-    what = f"{guarded} batches (grad_accum_steps 1 and 2, {epochs} epochs each, a ragged last batch)"
+    what = (f"{guarded} batches (grad_accum_steps 1 and 2, {epochs} epochs each, a ragged last batch; metrics "
+            "accuracy, f1_macro and iou)")  # fmt: skip
     if not setup.is_cuda:
         return Verdict(
             "skipped", f"dry run: the guard ran over {what} on the CPU; torch.cuda.set_sync_debug_mode needs CUDA"

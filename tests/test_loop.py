@@ -106,8 +106,8 @@ def test_training_steps_never_synchronise_with_the_device() -> None:
 
     # terminate_on_nan="auto" reads each loss on the CPU only (free there; off on GPUs): switched off
     # here so that the step itself is measured.
-    tw.fit(make_mlp(), blobs(), loss="cross_entropy", metrics=["accuracy", "top2_accuracy"], batch_size=16, epochs=2,
-           callbacks=[Watch()], progress=False, terminate_on_nan=False)  # fmt: skip
+    tw.fit(make_mlp(), blobs(), loss="cross_entropy", metrics=["accuracy", "top2_accuracy", "f1_macro", "iou"],
+           batch_size=16, epochs=2, callbacks=[Watch()], progress=False, terminate_on_nan=False)  # fmt: skip
     assert len(per_step) == 2 * 19
     assert per_step == [0] * len(per_step)
 
@@ -116,8 +116,8 @@ def test_a_quiet_fit_reads_the_device_once_per_pass() -> None:
     counts = []
     for epochs in (1, 3):
         with count_host_syncs() as calls:
-            tw.fit(make_mlp(), blobs(), loss="cross_entropy", metrics=["accuracy"], batch_size=16, epochs=epochs,
-                   val_split=0.2, progress=False, seed=0, terminate_on_nan=False)  # fmt: skip
+            tw.fit(make_mlp(), blobs(), loss="cross_entropy", metrics=["accuracy", "f1_macro", "iou_per_class"],
+                   batch_size=16, epochs=epochs, val_split=0.2, progress=False, seed=0, terminate_on_nan=False)  # fmt: skip
         counts.append(calls)
     # The pre-flight check reads a few values once; then each epoch reads its training sums
     # once and its validation sums once, whatever the number of steps (15 per epoch here).
@@ -137,8 +137,8 @@ def test_no_sync_on_gpu() -> None:
         def on_train_batch_end(self, run: tw.Run) -> None:
             torch.cuda.set_sync_debug_mode("default")
 
-    tw.fit(model, (x, y), loss="cross_entropy", metrics=["accuracy"], callbacks=[Strict()], device="cuda",
-           progress=False)  # fmt: skip
+    tw.fit(model, (x, y), loss="cross_entropy", metrics=["accuracy", "f1_macro", "iou"], callbacks=[Strict()],
+           device="cuda", progress=False)  # fmt: skip
 
 
 def test_train_step_is_the_public_default_step() -> None:

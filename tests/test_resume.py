@@ -67,7 +67,7 @@ SCRIPT = textwrap.dedent(
     chaos = Chaos()
     try:
         history = tw.fit(model, data, loss="cross_entropy", optimizer="adam", lr=0.01, epochs=3, batch_size=16,
-                         metrics=["accuracy"], val_split=0.2 if mode != "workers" else 0.0, scheduler="cosine",
+                         metrics=["accuracy", "f1_macro"], val_split=0.2 if mode != "workers" else 0.0, scheduler="cosine",
                          callbacks=[tw.EarlyStopping(monitor="loss", patience=5), chaos], seed=1,
                          checkpoint_dir=directory, checkpoint_every=4, resume="auto", progress=False)
     except tw.TrainingInterrupted as interrupted:

@@ -224,12 +224,13 @@ class ClassCounts(Metric):
         self.kind, self.average, self.width = kind, average, width
         self.mode, self.threshold, self.ignore_index = mode, threshold, ignore_index
         self.name = kind if average is None else f"{kind}_{average}"
-        self.multiclass = False
+
+    def _is_multiclass(self, width: int) -> bool:
+        return self.mode == "multiclass" or (self.mode == "auto" and width > 1)
 
     def _allocate(self, width: int, device: torch.device) -> None:
         self.width = width
-        self.multiclass = self.mode == "multiclass" or (self.mode == "auto" and width > 1)
-        shape = (width, width) if self.multiclass else (width, 2, 2) if width > 1 else (2, 2)
+        shape = (width, width) if self._is_multiclass(width) else (width, 2, 2) if width > 1 else (2, 2)
         self.total = torch.zeros(shape, dtype=torch.int64, device=device)
 
     def reset(self, device: torch.device) -> None:
@@ -240,15 +241,16 @@ class ClassCounts(Metric):
         self.count = 1
 
     def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        width = outputs.shape[1] if outputs.dim() >= 2 else 1
         if self.total.dim() == 0:
-            self._allocate(outputs.shape[1] if outputs.dim() >= 2 else 1, outputs.device)
-        width = self.total.shape[0]
-        if targets.shape == outputs.shape and self.multiclass:  # one-hot or class probabilities
+            self._allocate(width, outputs.device)
+        multiclass = self._is_multiclass(width)
+        if targets.shape == outputs.shape and multiclass:  # one-hot or class probabilities
             targets = targets.argmax(1)
         counted = torch.ones_like(targets, dtype=torch.int64)
         if self.ignore_index is not None:
             counted = (targets != self.ignore_index).long()
-        if self.multiclass:
+        if multiclass:
             predicted = outputs.argmax(1)
             truth, cells = targets.reshape(predicted.shape).long(), width
             counted = counted.reshape(predicted.shape)
