@@ -5,7 +5,10 @@ of the same integer counts; 1e-6 is the issue's bound)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -128,3 +131,63 @@ def test_segmentation_with_void_pixels_equals_scikit_learn_on_the_counted_pixels
     assert results["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(truth, predicted), abs=TOLERANCE)
     per_class = sk.jaccard_score(truth, predicted, average=None)
     assert [results[f"iou_{index}"] for index in range(4)] == pytest.approx(per_class, abs=TOLERANCE)
+
+
+def ranking_reference(kind: str, truth: np.ndarray, scores: np.ndarray, multiclass: bool, average: str) -> Any:
+    if kind == "auroc":
+        if multiclass:
+            return sk.roc_auc_score(truth, scores, multi_class="ovr", average=average)
+        return sk.roc_auc_score(truth, scores, average=average)
+    if multiclass:
+        truth = np.eye(scores.shape[1])[truth]
+    return sk.average_precision_score(truth, scores, average=average)
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass", "multilabel"])
+@pytest.mark.parametrize("seed", range(3))
+def test_ranking_metrics_equal_scikit_learn(task: str, seed: int) -> None:
+    pytest.importorskip("torchmetrics", reason="auroc and average_precision need the metrics extra")
+    rng = np.random.default_rng(300 + seed)
+    samples, width = 120, {"binary": 1, "multiclass": 4, "multilabel": 3}[task]
+    scores = torch.tensor(rng.normal(size=(samples, width)), dtype=torch.float32)
+    if task == "multiclass":
+        truth = np.arange(samples) % width  # every class present (scikit-learn's one-vs-rest needs them)
+        targets, loss = torch.tensor(truth), "cross_entropy"
+        probabilities = torch.softmax(scores, 1).numpy()
+    else:
+        truth = (rng.random((samples, width)) < 0.4).astype(np.int64)
+        truth[:2], truth[2:4] = 0, 1  # both outcomes for every label
+        targets, loss = torch.tensor(truth, dtype=torch.float32), "bce_with_logits"
+        probabilities = scores.numpy()  # rankings are the same on logits
+    names = ["auroc", "average_precision"] + (
+        [] if task == "binary" else ["auroc_weighted", "average_precision_per_class"]
+    )
+    results = tw.evaluate(Fixed(scores), (torch.arange(samples), targets), loss=loss, metrics=names, batch_size=25)
+    flat = probabilities[:, 0] if task == "binary" else probabilities
+    truth_flat = truth[:, 0] if task == "binary" else truth
+    # torchmetrics computes in float32: 1e-6 (the issue's bound) holds; float64 scikit-learn is the reference.
+    for kind in ("auroc", "average_precision"):
+        expected = ranking_reference(kind, truth_flat, flat, task == "multiclass", "macro")
+        assert results[kind] == pytest.approx(expected, abs=1e-6), kind
+    if task != "binary":
+        weighted = ranking_reference("auroc", truth_flat, flat, task == "multiclass", "weighted")
+        assert results["auroc_weighted"] == pytest.approx(weighted, abs=1e-6)
+        per_class = ranking_reference("average_precision", truth_flat, flat, task == "multiclass", None)
+        got = [results[f"average_precision_{index}"] for index in range(width)]
+        assert got == pytest.approx(per_class, abs=1e-6)
+
+
+def test_ranking_metrics_without_torchmetrics_name_the_extra(tmp_path: Path) -> None:
+    # torchmetrics is installed here: a subprocess makes its import fail, as on a machine without it.
+    script = (
+        "import sys; sys.modules['torchmetrics'] = None\n"
+        "import torch, trainwell as tw\n"
+        "try:\n"
+        "    tw.evaluate(torch.nn.Linear(2, 3), (torch.randn(8, 2), torch.arange(8) % 3), loss='cross_entropy',"
+        " metrics=['auroc'])\n"
+        "except tw.ConfigError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    assert "The auroc metric is computed by torchmetrics, which is not installed." in result.stdout
+    assert "pip install 'trainwell[metrics]'" in result.stdout

@@ -329,6 +329,85 @@ def _ratio(numerator: Any, denominator: Any) -> Any:
         return np.where(denominator > 0, np.divide(numerator, denominator), 0.0)
 
 
+RANKING_NAME = re.compile(r"(?P<kind>auroc|average_precision)(?:_(?P<average>micro|macro|weighted|per_class))?")
+
+
+class Ranking:
+    """AUROC or average precision, computed by torchmetrics (the ``metrics`` extra) over every
+    score of the pass: binary for one output per sample, one-vs-rest over classes for (N, C, ...)
+    outputs, per label for several yes/no outputs. Logits or probabilities; positions labelled
+    ``ignore_index`` do not count. torchmetrics gathers the scores across processes itself.
+
+    Args:
+        kind: ``"auroc"`` or ``"average_precision"``.
+        average: ``"macro"`` (default), ``"weighted"``, ``"micro"`` (labels only) or
+            ``"per_class"``; one output per sample has no average.
+        width, mode, ignore_index: As for ``ClassCounts``.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        average: Average | None = None,
+        *,
+        width: int | None = None,
+        mode: AccuracyMode = "auto",
+        ignore_index: int | None = None,
+    ) -> None:
+        try:
+            import torchmetrics  # noqa: F401  (imported here: an optional extra)
+        except ImportError:
+            raise config_error(
+                f"The {kind} metric is computed by torchmetrics, which is not installed.",
+                f"metrics=[{kind!r}]",
+                "pip install 'trainwell[metrics]' (or pip install torchmetrics).",
+            ) from None
+        self.kind, self.average, self.width, self.mode, self.ignore_index = kind, average, width, mode, ignore_index
+        self.name = kind if average is None else f"{kind}_{average}"
+        self.metric: Any = None if width is None else self._build(width)
+
+    def _build(self, width: int) -> Any:
+        from torchmetrics import classification
+
+        stem = "AUROC" if self.kind == "auroc" else "AveragePrecision"
+        average = None if self.average == "per_class" else (self.average or "macro")
+        if self.mode == "multiclass" or (self.mode == "auto" and width > 1):
+            return getattr(classification, f"Multiclass{stem}")(
+                num_classes=width, average=average, ignore_index=self.ignore_index
+            )
+        if width > 1:
+            return getattr(classification, f"Multilabel{stem}")(
+                num_labels=width, average=average, ignore_index=self.ignore_index
+            )
+        return getattr(classification, f"Binary{stem}")(ignore_index=self.ignore_index)
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Keep the batch's scores and targets (on the device; no synchronisation)."""
+        if self.metric is None:
+            self.metric = self._build(outputs.shape[1] if outputs.dim() >= 2 else 1).to(outputs.device)
+        multiclass = self.mode == "multiclass" or (self.mode == "auto" and outputs.dim() >= 2 and outputs.shape[1] > 1)
+        if multiclass and targets.shape == outputs.shape and targets.is_floating_point():
+            targets = targets.argmax(1)  # one-hot or class probabilities
+        if self.metric.__class__.__name__.startswith("Binary"):
+            outputs, targets = outputs.reshape(-1), targets.reshape(-1)
+        self.metric.update(outputs, targets.long())
+
+    def compute(self) -> Any:
+        """The value over every score seen (gathered from every process under torchrun)."""
+        return self.metric.compute() if self.metric is not None else torch.tensor(math.nan)
+
+    def reset(self) -> None:
+        """Forget the scores."""
+        if self.metric is not None:
+            self.metric.reset()
+
+    def to(self, device: torch.device) -> Ranking:
+        """Keep the scores on ``device``."""
+        if self.metric is not None:
+            self.metric = self.metric.to(device)
+        return self
+
+
 METRIC_FIX = "return a scalar tensor, e.g. (outputs.argmax(1) == targets).float().mean()"
 
 
@@ -442,8 +521,14 @@ def resolve_metric(
             average = cast(Average | None, counting.group("average"))
             kind = counting.group("kind") or metric
             return ClassCounts(kind, average, width=width, mode=mode, threshold=threshold, ignore_index=ignore_index)
+        ranking = RANKING_NAME.fullmatch(metric)
+        if ranking:
+            average = cast(Average | None, ranking.group("average"))
+            return Ranking(ranking.group("kind"), average, width=width, mode=mode, ignore_index=ignore_index)
         if metric not in METRICS:
-            raise unknown_name_error("metric", metric, [*METRICS, *COUNTING_NAMES, "top5_accuracy (any k)"])
+            raise unknown_name_error(
+                "metric", metric, [*METRICS, *COUNTING_NAMES, "auroc", "average_precision", "top5_accuracy (any k)"]
+            )
         return METRICS[metric]()
     if isinstance(metric, (Metric, ExternalMetric)):
         return copy.deepcopy(metric)
@@ -477,7 +562,7 @@ def metric_name(metric: Metric | ExternalMetric) -> str:
         >>> metric_name(Accuracy())
         'accuracy'
     """
-    if isinstance(metric, Metric):
+    if isinstance(metric, (Metric, Ranking)):
         return metric.name
     class_name = _TASK_PREFIX.sub("", type(metric).__name__)
     return _WORD_START.sub("_", class_name).lower()
@@ -571,6 +656,8 @@ def check_metric(metric: Metric | ExternalMetric, outputs: Any, targets: Any, na
         ) from error
     if isinstance(result, dict) and isinstance(probe, Metric) and not isinstance(probe, FunctionMetric):
         return  # a built-in metric with one number per class: logged as one key each
+    if isinstance(probe, ExternalMetric) and isinstance(result, torch.Tensor) and result.numel() > 1:
+        return  # a torchmetrics vector (per class): logged as one key each
     if scalar_tensor(result, device) is None:
         raise unusable_result_error(name, result)
 
