@@ -191,3 +191,28 @@ def test_ranking_metrics_without_torchmetrics_name_the_extra(tmp_path: Path) -> 
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
     assert "The auroc metric is computed by torchmetrics, which is not installed." in result.stdout
     assert "pip install 'trainwell[metrics]'" in result.stdout
+
+
+def test_a_metric_returning_named_values_logs_each_as_a_sample_weighted_mean() -> None:
+    def agreement(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        predicted = outputs.argmax(1)
+        return {"hits": (predicted == targets).float().mean(), "zeros": (predicted == 0).float().mean()}
+
+    generator = torch.Generator().manual_seed(0)
+    scores, targets = torch.randn(50, 3, generator=generator), torch.randint(0, 3, (50,), generator=generator)
+    results = tw.evaluate(Fixed(scores), (torch.arange(50), targets), loss="cross_entropy", batch_size=16,
+                          metrics=[agreement, "accuracy"])  # fmt: skip
+    predicted = scores.argmax(1)
+    assert results["hits"] == pytest.approx((predicted == targets).double().mean().item(), abs=1e-12)
+    assert results["hits"] == pytest.approx(results["accuracy"], abs=1e-12)
+    assert results["zeros"] == pytest.approx((predicted == 0).double().mean().item(), abs=1e-12)
+    history = tw.fit(nn.Linear(3, 3), (scores, targets), loss="cross_entropy", metrics=[agreement], epochs=2,
+                     val_split=0.2, progress=False)  # fmt: skip
+    assert {"hits", "zeros", "val_hits", "val_zeros"} <= set(history)
+
+    def unsteady(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {f"part{len(targets)}": outputs.mean()}
+
+    with pytest.raises(tw.ConfigError, match="must give the same named numbers for every batch"):
+        tw.evaluate(Fixed(scores), (torch.arange(50), targets), loss="cross_entropy", batch_size=16,
+                    metrics=[unsteady])  # fmt: skip

@@ -449,22 +449,52 @@ def unusable_result_error(name: str, value: Any) -> Exception:
 class FunctionMetric(Metric):
     """A ``callable(outputs, targets) -> scalar`` averaged over samples, weighted by batch size.
 
-    The scalar may be a tensor of one element, a Python number or a numpy number.
+    The scalar may be a tensor of one element, a Python number or a numpy number. A dict of
+    such scalars gives several values, each averaged and logged under its own key (with the
+    head's and ``val_`` prefixes); every batch must give the same keys. Under torchrun every
+    process must see at least one batch of such a metric (its keys are learnt from a batch).
     """
 
     def __init__(self, fn: MetricFn, name: str) -> None:
         super().__init__()
         self.fn = fn
         self.name = name
+        self.parts: tuple[str, ...] | None = None  # the keys of a dict result, once seen
+
+    def reset(self, device: torch.device) -> None:
+        super().reset(device)
+        if self.parts is not None:
+            self.total = torch.zeros(len(self.parts), dtype=self.total.dtype, device=device)
 
     def batch_sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Count]:
         size = sample_count(targets) or 1
         result = self.fn(outputs, targets)
         device = outputs.device if isinstance(outputs, torch.Tensor) else tensors_of(outputs)[0].device
+        if isinstance(result, Mapping):
+            return self._parts_sum(result, device) * size, size
         value = scalar_tensor(result, device)
         if value is None:
             raise unusable_result_error(self.name, result)
         return value * size, size
+
+    def _parts_sum(self, result: Mapping[Any, Any], device: torch.device) -> torch.Tensor:
+        parts = tuple(str(key) for key in result)
+        values = [scalar_tensor(value, device) for value in result.values()]
+        if self.parts is None:
+            self.parts = parts
+            self.total = torch.zeros(len(parts), dtype=self.total.dtype, device=device)
+        if parts != self.parts or not parts or any(value is None for value in values):
+            raise config_error(
+                f"Metric {self.name!r} must give the same named numbers for every batch.",
+                f"{self.name} returned {describe(dict(result))} (keys {list(parts)}, first batch {list(self.parts)})",
+                "return a dict of scalar tensors with fixed keys, e.g. {'precision': p, 'recall': r}.",
+            )
+        return torch.stack([value.to(self.total.dtype) for value in values if value is not None])
+
+    def finalize(self, total: Any, count: float) -> float | dict[str, float]:
+        if self.parts is None:
+            return super().finalize(total, count)
+        return {part: value / count if count else math.nan for part, value in zip(self.parts, total, strict=True)}
 
 
 @runtime_checkable
@@ -654,7 +684,12 @@ def check_metric(metric: Metric | ExternalMetric, outputs: Any, targets: Any, na
             f"outputs {describe(outputs)}, targets {describe(targets)}",
             METRIC_FIX + ", computed from (outputs, targets).",
         ) from error
-    if isinstance(result, dict) and isinstance(probe, Metric) and not isinstance(probe, FunctionMetric):
+    if isinstance(probe, FunctionMetric) and isinstance(result, Mapping):
+        probe.parts = None
+        probe.reset(device)
+        probe.update(outputs, targets)  # several named numbers: each must be one number
+        return
+    if isinstance(result, dict) and isinstance(probe, Metric):
         return  # a built-in metric with one number per class: logged as one key each
     if isinstance(probe, ExternalMetric) and isinstance(result, torch.Tensor) and result.numel() > 1:
         return  # a torchmetrics vector (per class): logged as one key each
@@ -815,7 +850,7 @@ class Tally:
         for name, external in self.external:
             results[name] = external_value(external.compute())
         for slot in self.slots:
-            logs.update(expand(slot.name, results[slot.name]))
+            logs.update(expand(slot, results[slot.name]))
         return {self.prefix + key: value for key, value in logs.items()}
 
 
@@ -826,13 +861,17 @@ def external_value(value: Any) -> float | dict[str, float]:
     return float(value)
 
 
-def expand(name: str, value: float | dict[str, float]) -> dict[str, float]:
-    """A metric's log entries: ``{name: value}``, or one key per part of a result with several
-    (``f1_per_class`` gives ``f1_0``, ``f1_1``, ...)."""
-    if isinstance(value, dict):
-        base = name.removesuffix("_per_class")
-        return {f"{base}_{part}": float(item) for part, item in value.items()}
-    return {name: value}
+def expand(slot: MetricSlot, value: float | dict[str, float]) -> dict[str, float]:
+    """A metric's log entries: ``{name: value}``, or one key per part of a result with several:
+    a function's dict keeps its own keys (after the head's prefix), per-class values are
+    numbered (``f1_per_class`` gives ``f1_0``, ``f1_1``, ...)."""
+    if not isinstance(value, dict):
+        return {slot.name: value}
+    if isinstance(slot.metric, FunctionMetric):
+        prefix = slot.name.removesuffix(slot.metric.name)
+        return {f"{prefix}{part}": float(item) for part, item in value.items()}
+    base = slot.name.removesuffix("_per_class")
+    return {f"{base}_{part}": float(item) for part, item in value.items()}
 
 
 def _stack(counts: list[Count], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
