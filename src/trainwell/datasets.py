@@ -7,7 +7,11 @@ training statistics. Needs no network. Must not train or print.
 from __future__ import annotations
 
 import csv
+import io
 import math
+import zipfile
+import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -104,14 +108,49 @@ def _bundled(name: str) -> Table:
 
 
 def _rows(path: Path) -> tuple[list[str], list[list[str]]]:
-    """The header and the non-empty data rows of a CSV file."""
+    """The header and the non-empty data rows of a CSV file, each row as long as the header.
+
+    Read as UTF-8, with or without a byte-order mark (spreadsheets write one; it must not
+    become part of the first column's name).
+    """
     if not path.is_file():
         raise data_error(f"No such file: {path}.", str(path), "check the path.")
-    with path.open(newline="") as file:
-        rows = [row for row in csv.reader(file) if row]
+    fix = "save the table as CSV in UTF-8 (a spreadsheet's 'CSV UTF-8'), or pass a .npz file."
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise data_error(
+            f"{path.name} is not UTF-8 text (a binary file, or another encoding such as Latin-1).",
+            f"byte 0x{error.object[error.start]:02x} at position {error.start}",
+            fix,
+        ) from None
+    if "\x00" in text:
+        raise data_error(
+            f"{path.name} is a binary file, not CSV text.", f"a NUL byte at position {text.index(chr(0))}", fix
+        )
+    try:
+        rows = [row for row in csv.reader(io.StringIO(text, newline="")) if row]
+    except csv.Error as error:  # e.g. a cell larger than the csv module's limit
+        raise data_error(f"{path.name} is not a readable CSV file.", str(error), fix) from None
     if not rows:
         raise data_error(f"{path.name} is empty.", str(path), "pass a CSV file with a header row and data rows.")
-    return [name.strip() for name in rows[0]], rows[1:]
+    header = [name.strip() for name in rows[0]]
+    # With a repeated name, "the column y" would mean different columns to train and predict.
+    repeated = [name for name, count in Counter(header).items() if count > 1]
+    if repeated:
+        raise data_error(
+            f"{path.name} has repeated column names.",
+            f"{', '.join(map(repr, repeated))} in the header {','.join(header)}",
+            "give every column its own name.",
+        )
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise data_error(
+                f"Row {line} of {path.name} has {len(row)} cells, the header {len(header)}.",
+                ",".join(row)[:200],
+                "give every row one cell per column.",
+            )
+    return header, rows[1:]
 
 
 def _read_csv(path: Path, target: str | None) -> Table:
@@ -124,17 +163,17 @@ def _read_csv(path: Path, target: str | None) -> Table:
             f"columns: {', '.join(header)}",
             "pass --target with one of those names.",
         )
+    if len(header) < 2:
+        raise data_error(
+            f"{path.name} has no feature columns: only the target.",
+            f"columns: {', '.join(header)}",
+            "add the columns to learn from, or pass the file that has them.",
+        )
     column = header.index(target)
     feature_columns = [index for index in range(len(header)) if index != column]
     features = np.empty((len(body), len(feature_columns)), dtype=np.float32)
     labels: list[str] = []
     for line, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise data_error(
-                f"Row {line} of {path.name} has {len(row)} cells, the header {len(header)}.",
-                ",".join(row),
-                "give every row one cell per column.",
-            )
         labels.append(_cell(row[column], line, target, numeric=False))
         for position, index in enumerate(feature_columns):
             features[line - 2, position] = float(_cell(row[index], line, header[index], numeric=True))
@@ -161,8 +200,7 @@ def read_features(path: Path, feature_names: Sequence[str]) -> np.ndarray:
     features = np.empty((len(body), len(columns)), dtype=np.float32)
     for line, row in enumerate(body, start=2):
         for position, index in enumerate(columns):
-            cell = row[index] if index < len(row) else ""
-            features[line - 2, position] = float(_cell(cell, line, header[index], numeric=True))
+            features[line - 2, position] = float(_cell(row[index], line, header[index], numeric=True))
     return features
 
 
@@ -193,7 +231,8 @@ def _from_labels(
 ) -> Table:
     """Classes from labels (numbers sort numerically), or regression values; ``task`` forces one."""
     numbers = _as_numbers(labels)
-    distinct = sorted(set(labels), key=lambda label: (float(label) if numbers is not None else 0.0, label))
+    names = [_class_name(label) for label in labels]
+    distinct = sorted(set(names), key=lambda name: (float(name) if numbers is not None else 0.0, name))
     is_integral = numbers is not None and bool(np.all(numbers == np.round(numbers)))
     inferred: Task = "classification"
     if numbers is not None and not (is_integral and len(distinct) <= MAX_CLASSES_INFERRED):
@@ -207,38 +246,51 @@ def _from_labels(
             )
         return Table(name, features, _column(numbers), feature_names, "regression", [])
     index = {label: position for position, label in enumerate(distinct)}
-    targets = np.asarray([index[label] for label in labels], dtype=np.int64)
-    return Table(name, features, targets, feature_names, "classification", [_tidy(label) for label in distinct])
+    targets = np.asarray([index[label] for label in names], dtype=np.int64)
+    return Table(name, features, targets, feature_names, "classification", distinct)
 
 
 def _read_npz(path: Path) -> Table:
-    with np.load(path, allow_pickle=False) as archive:
-        missing = {"x", "y"} - set(archive.files)
-        if missing:
-            raise data_error(
-                f"{path.name} must hold arrays named 'x' and 'y'.",
-                f"arrays: {', '.join(archive.files)}",
-                "save it with np.savez(path, x=features, y=targets).",
-            )
-        features, targets = archive["x"], archive["y"]
-    if features.ndim != 2 or len(features) != len(targets):
+    features, targets = _arrays(path)
+    if features.ndim != 2 or targets.ndim == 0 or targets.size != len(targets) or len(targets) != len(features):
         raise data_error(
-            "x must be (N, F) and y must hold N targets.",
+            "x must be (N, F) and y must hold N targets, one per row.",
             f"x {features.shape}, y {targets.shape}",
-            "reshape x to one row per sample.",
+            "reshape x to one row per sample and y to (N,).",
         )
     if not np.issubdtype(features.dtype, np.number) or not np.all(np.isfinite(features)):
         raise data_error("x must be finite numbers.", f"x of dtype {features.dtype}", "clean the array first.")
+    if np.issubdtype(targets.dtype, np.number) and not np.all(np.isfinite(targets)):
+        raise data_error("y must be finite numbers.", "NaN or inf in y", "drop or fill those rows first.")
     labels = [str(value) for value in targets.reshape(-1)]
     names = [f"x{i}" for i in range(features.shape[1])]
     return _from_labels(path.stem, features.astype(np.float32), labels, names)
+
+
+def _arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays ``x`` and ``y`` of an .npz file, read without unpickling anything."""
+    fix = "save it with np.savez(path, x=features, y=targets) of numbers or strings (no object arrays)."
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if isinstance(archive, np.lib.npyio.NpzFile):
+            with archive:
+                arrays = {name: archive[name] for name in archive.files if name in ("x", "y")}
+                files = archive.files
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise data_error(f"{path.name} is not a readable .npz file.", str(error)[:200], fix) from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise data_error(f"{path.name} is a single array, not an .npz archive.", "an .npy file", fix)
+    if len(arrays) < 2:
+        raise data_error(f"{path.name} must hold arrays named 'x' and 'y'.", f"arrays: {', '.join(files)}", fix)
+    return arrays["x"], arrays["y"]
 
 
 def _with_task(table: Table, task: Task) -> Table:
     if table.task == "classification":
         labels = [table.class_names[index] for index in table.targets]
     else:
-        labels = [_tidy(repr(float(value))) for value in table.targets.reshape(-1)]
+        labels = [repr(float(value)) for value in table.targets.reshape(-1)]
     return _from_labels(table.name, table.features, labels, table.feature_names, task)
 
 
@@ -249,13 +301,14 @@ def _as_numbers(labels: Sequence[str]) -> np.ndarray | None:
         return None
 
 
-def _tidy(label: str) -> str:
-    """``"3.0"`` -> ``"3"``: integral numbers read from files print as integers."""
+def _class_name(label: str) -> str:
+    """One name per number: ``"1"``, ``"1.0"`` and ``"01"`` are one class, named ``"1"`` (so a
+    file mixing them does not get two classes of the same name)."""
     try:
         number = float(label)
     except ValueError:
         return label
-    return str(int(number)) if number.is_integer() else label
+    return str(int(number)) if number.is_integer() else repr(number)
 
 
 def _column(values: np.ndarray) -> np.ndarray:
