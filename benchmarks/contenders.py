@@ -83,7 +83,7 @@ def best_hand_fit(task: TrainTask) -> Outcome:
     return Outcome(seen, total_loss / seen, total_correct / seen)
 
 
-def _trainwell_fit(task: TrainTask, progress: bool) -> Outcome:
+def _trainwell_fit(task: TrainTask, progress: bool, metrics: tuple[str, ...] = ("accuracy",)) -> Outcome:
     data = task.loader if task.loader is not None else (task.inputs, task.targets)
     history = trainwell.fit(
         task.model,
@@ -94,7 +94,7 @@ def _trainwell_fit(task: TrainTask, progress: bool) -> Outcome:
         momentum=MOMENTUM,
         epochs=1,
         batch_size=task.batch_size,
-        metrics=["accuracy"],
+        metrics=list(metrics),
         progress=progress,
     )
     return Outcome(len(task.targets), history["loss"][0], history["accuracy"][0])
@@ -108,6 +108,12 @@ def trainwell_fit(task: TrainTask) -> Outcome:
 def trainwell_quiet_fit(task: TrainTask) -> Outcome:
     """``trainwell.fit(..., progress=False)``: the same without the display."""
     return _trainwell_fit(task, progress=False)
+
+
+def trainwell_counting_fit(task: TrainTask) -> Outcome:
+    """``trainwell_quiet`` with a counting metric too, ``metrics=["accuracy", "f1_macro"]``: what
+    the confusion-matrix sums cost a step."""
+    return _trainwell_fit(task, progress=False, metrics=("accuracy", "f1_macro"))
 
 
 @dataclass(frozen=True)
@@ -192,6 +198,7 @@ TRAINERS: dict[str, Callable[[TrainTask], Outcome]] = {
     "best_hand": best_hand_fit,
     "trainwell": trainwell_fit,
     "trainwell_quiet": trainwell_quiet_fit,
+    "trainwell_counting": trainwell_counting_fit,
 }
 SCORERS: dict[str, Scorer] = {
     "tutorial": Scorer(tutorial_evaluate, tutorial_predict),

@@ -239,9 +239,10 @@ def paired_line(result: dict[str, Any]) -> str:
         values = sorted(result["speed_ratios"][name])
         return f"{result['median_' + name]:.3f}x ({values[0]:.3f}-{values[-1]:.3f})"
 
+    counting = f"; with f1_macro: {span('counting_vs_quiet')}" if "counting_vs_quiet" in result["speed_ratios"] else ""
     return (
         f"trainwell_quiet {span('quiet_vs_hand')} best_hand, trainwell {span('display_vs_hand')}; the display: "
-        f"{span('display_vs_quiet')} trainwell_quiet (median of {result['pairs']} rounds, range)"
+        f"{span('display_vs_quiet')} trainwell_quiet{counting} (median of {result['pairs']} rounds, range)"
     )
 
 

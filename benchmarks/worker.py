@@ -160,6 +160,7 @@ def _score(
 PAIRED = "paired"
 PAIRED_ROUNDS = 6
 PAIRED_CONTENDERS = ("best_hand", "trainwell_quiet", "trainwell")
+COUNTING = "trainwell_counting"  # also paired on the workloads it is written for (not the text ones)
 
 
 def _paired_epoch(contender: str, workload: Workload, inputs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -177,18 +178,23 @@ def _paired_epoch(contender: str, workload: Workload, inputs: torch.Tensor, targ
 
 def _paired(workload: Workload, inputs: torch.Tensor, targets: torch.Tensor, pairs: int) -> dict[str, Any]:
     """trainwell against the hand loop in one process: ``pairs`` rounds (after one to warm up) of
-    one epoch each of ``PAIRED_CONTENDERS``, in a rotated order every round, so that slow phases
+    one epoch each of ``PAIRED_CONTENDERS`` (and ``COUNTING``), in a rotated order every round, so that slow phases
     of a shared machine hit the contenders of a round alike and the per-round ratios cancel them
     (what is left is the machine's own noise within a round, reported as the ratios' range)."""
     ratios: dict[str, list[float]] = {"quiet_vs_hand": [], "display_vs_hand": [], "display_vs_quiet": []}
+    contenders = PAIRED_CONTENDERS + ((COUNTING,) if workload.kind != "text" else ())
+    if COUNTING in contenders:
+        ratios["counting_vs_quiet"] = []
     for round_index in range(pairs + 1):
-        shift = round_index % len(PAIRED_CONTENDERS)
-        order = PAIRED_CONTENDERS[shift:] + PAIRED_CONTENDERS[:shift]
+        shift = round_index % len(contenders)
+        order = contenders[shift:] + contenders[:shift]
         seconds = {contender: _paired_epoch(contender, workload, inputs, targets) for contender in order}
         if round_index:  # the first round warms up
             ratios["quiet_vs_hand"].append(seconds["best_hand"] / seconds["trainwell_quiet"])
             ratios["display_vs_hand"].append(seconds["best_hand"] / seconds["trainwell"])
             ratios["display_vs_quiet"].append(seconds["trainwell_quiet"] / seconds["trainwell"])
+            if COUNTING in seconds:
+                ratios["counting_vs_quiet"].append(seconds["trainwell_quiet"] / seconds[COUNTING])
     return {"pairs": pairs, "speed_ratios": ratios} | {
         f"median_{name}": statistics.median(values) for name, values in ratios.items()
     }
