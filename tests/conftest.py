@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
+
+from trainwell.history import TIME_KEYS
 
 
 def make_mlp(inputs: int = 4, outputs: int = 3, hidden: int = 16, seed: int = 0) -> nn.Module:
@@ -26,6 +31,12 @@ def linear_regression(samples: int = 200, features: int = 3, seed: int = 0) -> t
     inputs = torch.randn(samples, features, generator=generator)
     weights = torch.tensor([[1.5], [-2.0], [0.5]])[:features]
     return inputs, inputs @ weights + 0.1 * torch.randn(samples, 1, generator=generator)
+
+
+def without_time(logs: Mapping[str, Any]) -> dict[str, Any]:
+    """A History's (or its dict's) values of the model: the timing columns, which differ from run
+    to run, left out, so that runs can be compared exactly."""
+    return {key: values for key, values in logs.items() if key not in TIME_KEYS}
 
 
 @pytest.fixture

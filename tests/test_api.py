@@ -21,7 +21,7 @@ def test_fit_learns_and_returns_history(mlp: nn.Module, classification: tuple[to
         mlp, classification, loss="cross_entropy", lr=0.1, epochs=5, metrics=["accuracy"], progress=False, seed=0
     )
     assert history.epochs == 5
-    assert list(history) == ["loss", "accuracy"]
+    assert list(history) == ["loss", "accuracy", "time", "samples_per_second"]
     assert history["loss"][-1] < history["loss"][0] / 3
     assert history["accuracy"][-1] > 0.95 > history["accuracy"][0]
     assert json.loads(json.dumps(history.to_dict())) == history.to_dict()
@@ -34,7 +34,7 @@ def test_quick_start_from_the_issue_runs_as_written() -> None:
         model, (x, y), loss="cross_entropy", optimizer="sgd", lr=0.01, epochs=10,
         metrics=["accuracy"], val_split=0.1, progress=False,
     )  # fmt: skip
-    assert sorted(history) == ["accuracy", "loss", "val_accuracy", "val_loss"]
+    assert sorted(history) == ["accuracy", "loss", "samples_per_second", "time", "val_accuracy", "val_loss"]
     assert all(len(values) == 10 for values in history.values())
 
 

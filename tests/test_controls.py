@@ -180,6 +180,7 @@ def test_csv_logger_rows_equal_the_history_and_append(tmp_path: Path) -> None:
     with path.open() as file:
         rows = list(csv.DictReader(file))
     assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
+    assert list(rows[0])[-2:] == ["time", "samples_per_second"]  # the epoch's timing columns, last
     for key in history:
         assert [float(row[key]) for row in rows] == history[key]
     tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=2, metrics=["accuracy"], val_split=0.2,
@@ -196,7 +197,8 @@ def test_tensorboard_event_files_hold_the_scalars(tmp_path: Path) -> None:
                      batch_size=30, callbacks=[tw.TensorBoard(tmp_path, every_n_steps=4)], progress=False)  # fmt: skip
     events = EventAccumulator(str(tmp_path))
     events.Reload()
-    assert set(events.Tags()["scalars"]) == {"loss", "accuracy", "val_loss", "val_accuracy", "batch/loss"}
+    assert set(events.Tags()["scalars"]) == {"loss", "accuracy", "val_loss", "val_accuracy", "time",
+                                             "samples_per_second", "batch/loss"}  # fmt: skip
     for key in history:
         scalars = events.Scalars(key)
         assert [event.step for event in scalars] == [1, 2, 3]

@@ -122,3 +122,14 @@ def test_format_logs() -> None:
         format_logs(logs, {"accuracy", "val_accuracy"})
         == "loss 0.5000  accuracy 25.00%  mae 1.234e+04  val_accuracy nan"
     )
+
+
+def test_the_epoch_line_shows_the_historys_time_and_speed(capsys: pytest.CaptureFixture[str]) -> None:
+    history = train(epochs=2)
+    lines = capsys.readouterr().out.splitlines()
+    for epoch, line in enumerate(lines):
+        match = re.match(r"Epoch \d/2  ([\d.]+)s  ([\d,]+) samples/s  loss", line)
+        assert match, line
+        assert float(match.group(1)) == pytest.approx(history["time"][epoch], abs=0.01)
+        assert int(match.group(2).replace(",", "")) == round(history["samples_per_second"][epoch])
+        assert "time" not in line and "samples_per_second" not in line  # not repeated as values

@@ -48,7 +48,8 @@ def test_the_structured_models_section_runs_as_written(tmp_path: Path) -> None:
     blocks = re.findall(r"```python\n(.*?)```", section.group(1), re.DOTALL)
     checks = [
         "assert logits.shape == (64, 2) and history.epochs == 1\n",
-        "assert sorted(history) == ['box_mae', 'label_accuracy', 'loss', 'loss_box', 'loss_label']\n",
+        "assert sorted(history) == ['box_mae', 'label_accuracy', 'loss', 'loss_box', 'loss_label', 'samples_per_second',"
+        " 'time']\n",
         "assert history.epochs == 5 and history['accuracy'][-1] > 0.7\n",  # ~0.95 on 5 trials (an unseeded example)
     ]
     assert len(blocks) == len(checks)

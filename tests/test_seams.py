@@ -84,7 +84,7 @@ def test_the_custom_step_recipe_logs_its_loss_and_speed() -> None:
     assert history["loss"][-1] < history["loss"][0]
     outputs_step = tw.fit(make_mlp(), (x, y), loss="cross_entropy", lr=0.1, metrics=["accuracy"], progress=False,
                           step=lambda run, batch: tw.train_step(run, batch))  # fmt: skip
-    assert set(outputs_step) == {"loss", "accuracy"}
+    assert set(outputs_step) == {"loss", "accuracy", "time", "samples_per_second"}
 
 
 class GAN(nn.Module):
@@ -124,7 +124,7 @@ def test_a_gan_trains_with_named_losses_without_targets_or_a_loss() -> None:
         before = gan.generator(torch.randn(512, 2)).mean().item()
     history = tw.fit(gan, real, optimizer=optimizers["g"], step=gan_step, epochs=15, batch_size=32,
                      callbacks=[stopper], progress=False)  # fmt: skip
-    assert list(history) == ["loss_d", "loss_g"] and history.epochs == 15
+    assert list(history) == ["loss_d", "loss_g", "time", "samples_per_second"] and history.epochs == 15
     assert all(math.isfinite(value) for value in history["loss_d"] + history["loss_g"])
     with torch.no_grad():  # the generator moved towards the real data's mean (2, 2)
         assert gan.generator(torch.randn(512, 2)).mean().item() > before + 0.5

@@ -17,7 +17,7 @@ from torch import nn
 
 from trainwell import distributed, folder, loop
 from trainwell.batches import Batches, Layout, resizable, to_batches
-from trainwell.callbacks import Callback, CallbackList, TerminateOnNaN
+from trainwell.callbacks import Callback, CallbackList, TerminateOnNaN, check_monitorable
 from trainwell.checkpoints import (
     Checkpointer,
     check_writable,
@@ -39,7 +39,7 @@ from trainwell.errors import (
     unknown_name_error,
     warn,
 )
-from trainwell.history import History
+from trainwell.history import TIME_KEYS, History
 from trainwell.losses import with_class_weight
 from trainwell.metrics import Tally
 from trainwell.models import (
@@ -184,7 +184,8 @@ def fit(
         **optimizer_options: Extra arguments of a named optimizer, e.g. ``momentum=0.9``.
 
     Returns:
-        The History: ``history["loss"]``, ``history["val_accuracy"]``, ... one float per epoch.
+        The History: ``history["loss"]``, ``history["val_accuracy"]``, ... one float per epoch,
+        and each epoch's ``time`` (seconds) and ``samples_per_second`` (training speed).
 
     Raises:
         ConfigError: An invalid argument (unknown name, epochs < 1, ...), with the fix.
@@ -198,7 +199,7 @@ def fit(
         >>> history = trainwell.fit(model, (x, y), loss="cross_entropy", epochs=2,
         ...                         metrics=["accuracy"], progress=False, seed=0)
         >>> history.epochs, sorted(history)
-        (2, ['accuracy', 'loss'])
+        (2, ['accuracy', 'loss', 'samples_per_second', 'time'])
     """
     callbacks = list(callbacks) if isinstance(callbacks, Iterable) else [callbacks]  # a single one too
     options = FitOptions(
@@ -360,6 +361,13 @@ class FitOptions:
         )  # fmt: skip
         names = [*(loss_options.loss_keys if loss_options is not None else []),
                  *(slot.name for slot in resolve_metrics(self.metrics, None, loss_options))]  # fmt: skip
+        clash = next((name for name in names if name in TIME_KEYS), None)
+        if clash is not None:
+            raise config_error(
+                f"{clash!r} is the History's own column (the epoch's timing), so a metric cannot be logged under it.",
+                f"a metric named {clash!r}",
+                f"name it otherwise, e.g. metrics={{'my_{clash}': ...}}.",
+            )
         has_val = self.val is not None or bool(self.val_split)
         keys = names + [f"val_{name}" for name in names if has_val] + (["lr"] if self.scheduler is not None else [])
         schedule = [self.scheduler] if isinstance(self.scheduler, LRScheduler) else []
@@ -593,6 +601,8 @@ def _check_monitors(callbacks: Sequence[Callback], keys: list[str], step: StepFn
     available = [*keys, *(key for callback in callbacks for key in getattr(callback, "adds_logs", ()))]
     for callback in callbacks:
         monitor = getattr(callback, "monitor", None)
+        if monitor is not None:
+            check_monitorable(monitor)
         if monitor is None or monitor in available or (step is not None and not monitor.startswith("val_")):
             continue
         hint = " (there is no validation data: pass val= or val_split=)" if monitor.startswith("val_") else ""

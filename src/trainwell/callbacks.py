@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from trainwell.errors import check_count, config_error, describe
+from trainwell.history import TIME_KEYS
 from trainwell.metrics import higher_is_better
 from trainwell.run import Hook, Run
 
@@ -133,6 +134,21 @@ def _overrides(callback: Callback, hook: Hook) -> bool:
 Mode = Literal["auto", "min", "max"]
 
 
+def check_monitorable(monitor: str) -> None:
+    """Refuse a monitor of the History's timing columns (``time``, ``samples_per_second``): they
+    measure the machine, so a monitor would stop or keep weights by how busy it was.
+
+    Raises:
+        ConfigError: ``monitor`` is a timing column.
+    """
+    if monitor in TIME_KEYS:
+        raise config_error(
+            f"{monitor!r} is the epoch's timing, not a measure of the model: it cannot be monitored.",
+            f"monitor={monitor!r}",
+            "monitor a loss or a metric (e.g. 'val_loss'); read run.logs['time'] in a callback to act on durations.",
+        )
+
+
 class Monitor:
     """Tracks the best value of one log key: the helper behind EarlyStopping and checkpoints.
 
@@ -150,6 +166,7 @@ class Monitor:
     def __init__(self, monitor: str, mode: Mode = "auto", min_delta: float = 0.0) -> None:
         if mode not in ("auto", "min", "max"):
             raise config_error("mode must be 'auto', 'min' or 'max'.", f"mode={mode!r}", "pass mode='min' or 'max'.")
+        check_monitorable(monitor)
         if min_delta < 0:
             raise config_error("min_delta must be >= 0.", f"min_delta={min_delta}", "pass a non-negative number.")
         self.monitor = monitor

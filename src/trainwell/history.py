@@ -16,11 +16,40 @@ from trainwell.plots import plot_history
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+TIME_KEYS = ("time", "samples_per_second")
+"""The History's timing columns (see ``epoch_timing``): they measure the machine, not the model,
+so no monitor accepts them and the plot leaves them out."""
+
+
+def epoch_timing(seconds: float, samples: int, train_seconds: float) -> dict[str, float]:
+    """The timing columns of one epoch.
+
+    ``time`` is the epoch's wall time in seconds, training and validation, as Poutyne's ``time``
+    and skorch's ``dur`` (so the column sums to about the fit's duration); ``samples_per_second``
+    is the training pass's speed, validation left out (so it does not change with the size of the
+    validation set), as Hugging Face's ``train_samples_per_second`` without the prefix that no
+    training key here carries. Whole words, as every log key (``samples_per_s`` would be the only
+    abbreviation).
+
+    Args:
+        seconds: The epoch's duration.
+        samples: The training samples (over all processes) of the training pass.
+        train_seconds: The training pass's duration.
+
+    Example:
+        >>> epoch_timing(2.5, 1000, 2.0)
+        {'time': 2.5, 'samples_per_second': 500.0}
+    """
+    return {"time": seconds, "samples_per_second": samples / train_seconds if train_seconds > 0 else math.nan}
+
 
 class History(Mapping[str, list[float]]):
     """Per-epoch logs: ``history["loss"]`` is one float per completed epoch.
 
-    Keys are ``loss``, each metric, and ``val_loss`` / ``val_<metric>`` with validation data.
+    Keys are ``loss``, each metric, and ``val_loss`` / ``val_<metric>`` with validation data,
+    then ``time`` (the epoch's seconds) and ``samples_per_second`` (the training speed): see
+    ``epoch_timing``. An epoch resumed from a mid-epoch checkpoint times the part run after the
+    resume; the durations of the epochs before it come back with the History.
 
     Example:
         >>> history = History()
@@ -79,7 +108,8 @@ class History(Mapping[str, list[float]]):
         return path
 
     def plot(self, path: str | Path | None = None) -> Figure:
-        """Draw the curves: one panel per quantity, training and validation per epoch.
+        """Draw the curves: one panel per quantity, training and validation per epoch (the
+        timing columns are not curves of the model and are left out).
 
         Needs matplotlib (``pip install 'trainwell[plot]'``); works without a display.
 
@@ -89,7 +119,7 @@ class History(Mapping[str, list[float]]):
         Returns:
             The matplotlib Figure.
         """
-        return plot_history(self._logs, path)
+        return plot_history({key: values for key, values in self._logs.items() if key not in TIME_KEYS}, path)
 
     def state_dict(self) -> dict[str, Any]:
         """The logs, for checkpoints."""

@@ -19,8 +19,9 @@ Order of events in ``fit_loop`` (a test asserts it):
      5. with validation data: ``on_eval_start``, ``on_eval_batch_end`` per batch,
         ``on_eval_end``
      6. ``run.logs`` is set (training and validation values, plus ``run.extra_logs`` that
-        callbacks added during the epoch, such as ``lr``) and appended to the History;
-        ``on_epoch_end``
+        callbacks added during the epoch, such as ``lr``, then the epoch's ``time`` and
+        ``samples_per_second`` from the host clock, read after the reductions of steps 4 and 5,
+        which wait for the device anyway) and appended to the History; ``on_epoch_end``
      7. stop if ``run.stop_training``
   3. ``on_fit_end``, always (also after an exception), of every callback even when one raises:
      the fit's own error, else the first hook's, is raised once all have run, with a note
@@ -32,6 +33,7 @@ Nothing here reads a device value per step: losses and metrics go into device-si
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -42,6 +44,7 @@ from trainwell import distributed
 from trainwell.batches import Batches
 from trainwell.data import Batch
 from trainwell.errors import config_error
+from trainwell.history import epoch_timing
 from trainwell.metrics import Tally
 from trainwell.models import call_model, preserved_modes
 from trainwell.objective import Objective
@@ -58,12 +61,14 @@ def fit_loop(run: Run) -> None:
             run.callback_states = None
         for epoch in range(run.start_epoch, run.epochs):
             run.epoch = epoch
-            train_epoch(run)
-            logs = run.train_tally.read(run.reduce)
+            started = time.perf_counter()
+            samples = train_epoch(run)
+            logs = run.train_tally.read(run.reduce)  # waits for the device: the steps are done
+            trained = time.perf_counter() - started
             if run.val_batches is not None:
                 logs |= eval_epoch(run, run.val_batches, run.val_tally)
             run.phase = "train"
-            run.logs = logs | run.extra_logs
+            run.logs = logs | run.extra_logs | epoch_timing(time.perf_counter() - started, samples, trained)
             run.history.append(run.logs)
             run.callbacks.fire("on_epoch_end", run)
             run.batches_done = 0
@@ -84,8 +89,12 @@ def _attach(error: BaseException, others: list[BaseException]) -> BaseException:
     return error
 
 
-def train_epoch(run: Run) -> None:
-    """One pass over the training batches of ``run.epoch``, after ``run.batches_done`` of them."""
+def train_epoch(run: Run) -> int:
+    """One pass over the training batches of ``run.epoch``, after ``run.batches_done`` of them.
+
+    Returns:
+        The samples (over all processes) of the batches this call trained on.
+    """
     assert run.train_batches is not None and run.step is not None
     run.phase = "train"
     if run.batches_done == 0:  # otherwise a resumed epoch: its sums and logs were restored
@@ -93,8 +102,10 @@ def train_epoch(run: Run) -> None:
         run.extra_logs = {}
     run.callbacks.fire("on_epoch_start", run)
     last = run.train_batches.num_batches
+    samples = 0
     for batch in run.train_batches.for_epoch(run.epoch, skip=run.batches_done):
         run.batch = batch
+        samples += batch.global_size
         run.callbacks.fire("on_train_batch_start", run)
         run.window_batches += 1
         run.window_samples += batch.global_size
@@ -113,6 +124,7 @@ def train_epoch(run: Run) -> None:
             distributed.average_gradients(run.parameters)
         optimizer_step(run)
         _close_window(run)
+    return samples
 
 
 def _account(run: Run, batch: Batch, result: StepResult) -> None:

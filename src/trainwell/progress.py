@@ -12,6 +12,7 @@ import time
 from typing import IO, Any, Literal
 
 from trainwell.callbacks import Callback
+from trainwell.history import TIME_KEYS
 from trainwell.run import Run
 
 DisplayMode = Literal["live", "notebook", "lines"]
@@ -132,12 +133,12 @@ class ProgressDisplay(Callback):
             self.bar.refresh()
 
     def on_epoch_end(self, run: Run) -> None:
-        seconds = time.perf_counter() - self.epoch_started
         self._close_bar()
-        samples = run.train_tally.samples
-        speed = f"{samples / seconds:,.0f} samples/s" if seconds > 0 else ""
-        logs = format_logs(run.logs, self._fractions(run))
-        self._print(f"{self._title(run)}  {_seconds(seconds)}  {speed}  {logs}")
+        seconds = run.logs.get("time", time.perf_counter() - self.epoch_started)
+        speed = run.logs.get("samples_per_second", math.nan)
+        logs = format_logs({key: value for key, value in run.logs.items() if key not in TIME_KEYS},
+                           self._fractions(run))  # fmt: skip
+        self._print(f"{self._title(run)}  {_seconds(seconds)}  {_speed(speed)}  {logs}")
 
     def on_fit_end(self, run: Run) -> None:
         self._close_bar()
@@ -171,6 +172,10 @@ def _bar_class(notebook: bool) -> type[Any]:
             return {**super().format_dict, "metrics": self.metrics}
 
     return EpochBar
+
+
+def _speed(samples_per_second: float) -> str:
+    return f"{samples_per_second:,.0f} samples/s" if math.isfinite(samples_per_second) else ""
 
 
 def _seconds(seconds: float) -> str:
