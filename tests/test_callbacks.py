@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -100,3 +101,66 @@ def test_the_fits_own_error_comes_first_with_the_teardown_errors_attached() -> N
                callbacks=[Breaks(), FailsAtEnd("end", ended), RecordsEnd(ended)])  # fmt: skip
     assert ended == ["end", "records"]
     assert caught.value.__notes__ == ["An on_fit_end hook also raised RuntimeError: end failed"]
+
+
+class PassRecorder(tw.Callback):
+    """Records the evaluation hooks as (hook, phase, batches done), stopping after ``stop_after``."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.events: list[tuple[str, str, int]] = []
+        self.outputs: list[torch.Tensor] = []
+        self.stop_after = stop_after
+
+    def on_eval_start(self, run: tw.Run) -> None:
+        self.events.append(("on_eval_start", run.phase, run.eval_batches_done))
+
+    def on_eval_batch_end(self, run: tw.Run) -> None:
+        self.events.append(("on_eval_batch_end", run.phase, run.eval_batches_done))
+        self.outputs.append(run.outputs)
+        if run.eval_batches_done == self.stop_after:
+            run.stop_training = True
+
+    def on_eval_end(self, run: tw.Run) -> None:
+        self.events.append(("on_eval_end", run.phase, run.eval_batches_done))
+        self.eval_logs = dict(run.eval_logs)
+
+
+def test_evaluate_fires_the_eval_hooks_once_per_batch_and_a_callback_can_stop_it() -> None:
+    x, y = blobs(samples=100)  # 7 batches of 16 (the last one of 4)
+    model = make_mlp().train()
+    recorder = PassRecorder()
+    options: dict[str, Any] = {"loss": "cross_entropy", "metrics": ["accuracy"], "batch_size": 16, "progress": False}
+    results = tw.evaluate(model, (x, y), callbacks=recorder, **options)  # one callback alone, as fit takes it
+    assert recorder.events == [("on_eval_start", "eval", 0), *(("on_eval_batch_end", "eval", done) for done in
+                               range(1, 8)), ("on_eval_end", "eval", 7)]  # fmt: skip
+    assert recorder.eval_logs == results and [len(outputs) for outputs in recorder.outputs] == [16] * 6 + [4]
+
+    stopper = PassRecorder(stop_after=3)
+    stopped = tw.evaluate(model, (x, y), callbacks=[stopper], **options)
+    assert [event[2] for event in stopper.events] == [0, 1, 2, 3, 3]  # ended after the third batch
+    assert stopped == pytest.approx(tw.evaluate(model, (x[:48], y[:48]), **options))  # the values of those batches
+    assert model.training  # the mode is restored after a stop too
+
+
+def test_predict_fires_the_eval_hooks_in_its_phase_and_a_stop_returns_the_first_outputs() -> None:
+    x = blobs(samples=100)[0]
+    model = make_mlp()
+    recorder = PassRecorder()
+    outputs = tw.predict(model, x, batch_size=16, callbacks=[recorder], progress=False)
+    assert recorder.events == [("on_eval_start", "predict", 0), *(("on_eval_batch_end", "predict", done) for done in
+                               range(1, 8)), ("on_eval_end", "predict", 7)]  # fmt: skip
+    assert recorder.eval_logs == {}  # predict computes no values
+    assert torch.equal(torch.cat(recorder.outputs), outputs)  # run.outputs is each batch's
+    stopped = tw.predict(model, x, batch_size=16, callbacks=[PassRecorder(stop_after=2)], progress=False)
+    assert torch.equal(stopped, outputs[:32])
+
+
+def test_evaluate_and_predict_refuse_a_non_callback_before_any_work() -> None:
+    model = make_mlp()
+    for call in (
+        lambda: tw.evaluate(model, blobs(), loss="cross_entropy", callbacks=[print], device="meta"),  # type: ignore[list-item]
+        lambda: tw.predict(model, blobs()[0], callbacks=42, device="meta"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(tw.ConfigError, match=r"must be a trainwell\.Callback"):
+            call()
+    assert next(model.parameters()).device.type == "cpu"

@@ -62,9 +62,15 @@ SCRIPT = textwrap.dedent(
         features, labels = load_digits(return_X_y=True)
         x, y = torch.tensor(features / 16.0, dtype=torch.float32), torch.tensor(labels)
         model = model_for(64, 10)
-        results = tw.evaluate(model, (x, y), loss="cross_entropy", metrics=["accuracy"], batch_size=100)
-        outputs = tw.predict(model, x, batch_size=100, all_ranks=True)
-        torch.save({"results": results, "outputs": outputs}, os.path.join(out, f"evaluate-{rank}.pt"))
+        results = tw.evaluate(model, (x, y), loss="cross_entropy", metrics=["accuracy"], batch_size=100, progress=True)
+        outputs = tw.predict(model, x, batch_size=100, all_ranks=True, progress=True)
+
+        class Stop(tw.Callback):  # each process stops on its own: rank 0 after 3 batches, rank 1 after 2
+            def on_eval_batch_end(self, run):
+                run.stop_training = run.eval_batches_done == 3 - run.rank
+
+        stopped = tw.predict(model, x, batch_size=100, callbacks=Stop(), progress=False)
+        torch.save({"results": results, "outputs": outputs, "stopped": stopped}, os.path.join(out, f"evaluate-{rank}.pt"))
     print(f"rank {rank} done", flush=True)
     """
 )
@@ -141,6 +147,14 @@ def test_evaluation_counts_every_sample_exactly_once(script: Path, tmp_path: Pat
         assert got["results"]["accuracy"] == expected["results"]["accuracy"]
         assert got["results"]["loss"] == pytest.approx(expected["results"]["loss"], rel=1e-6)
         assert torch.allclose(got["outputs"], expected["outputs"], atol=1e-6)  # in input order
+    # Only rank 0 shows the passes (progress=True): 9 batches of its 899 samples.
+    assert pair.stdout.count("Evaluate  9/9 batches") == 1 and pair.stdout.count("Predict  9/9 batches") == 1
+    # Stopped passes: the first samples in input order, up to the first one a process did not reach
+    # (rank 1 stopped after 200 of its samples, positions 1, 3, ..., 399: the first 401 samples).
+    assert torch.equal(expected["stopped"], expected["outputs"][:300])
+    stopped = load(tmp_path / "two" / "evaluate-0.pt")["stopped"]
+    assert torch.allclose(stopped, expected["outputs"][:401], atol=1e-6)
+    assert load(tmp_path / "two" / "evaluate-1.pt")["stopped"] is None
 
 
 def test_a_failure_on_one_rank_ends_the_job_promptly_with_its_error(script: Path, tmp_path: Path) -> None:

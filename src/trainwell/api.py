@@ -64,7 +64,7 @@ from trainwell.objective import (
 from trainwell.optimizers import OPTIMIZERS, build_optimizer, check_lr, check_step_without_closure
 from trainwell.outputs import OutputChoice, Selector, for_predict, resolve_output
 from trainwell.precision import PrecisionName, build_precision
-from trainwell.progress import ProgressDisplay, choose_mode
+from trainwell.progress import ProgressDisplay, choose_mode, choose_pass_mode
 from trainwell.run import Run, StepFn
 from trainwell.schedules import LRScheduler, check_scheduler, scheduler_callback
 
@@ -201,7 +201,7 @@ def fit(
         >>> history.epochs, sorted(history)
         (2, ['accuracy', 'loss', 'samples_per_second', 'time'])
     """
-    callbacks = list(callbacks) if isinstance(callbacks, Iterable) else [callbacks]  # a single one too
+    callbacks = _listed(callbacks)
     options = FitOptions(
         loss=loss, optimizer=optimizer, lr=lr, epochs=epochs, batch_size=batch_size, shuffle=shuffle,
         metrics=metrics, val=val, val_split=val_split, loss_weights=loss_weights, output=output,
@@ -644,6 +644,8 @@ def evaluate(
     loss_weights: Mapping[HeadKey, float] | Sequence[float] | None = None,
     output: OutputChoice = None,
     target_key: str | None = TARGET_KEY,
+    callbacks: Callback | Sequence[Callback] = (),
+    progress: Progress = "auto",
 ) -> dict[str, float]:
     """Score ``model`` on ``data``: the loss and metrics averaged over every sample (over every
     counted position when the targets have ignored positions).
@@ -663,9 +665,16 @@ def evaluate(
             a quarter of a GPU's free memory). A DataLoader keeps its own.
         device: As in ``fit``.
         loss_weights, output, target_key: As in ``fit``.
+        callbacks: ``trainwell.Callback`` objects (or one alone), given ``on_eval_start``,
+            ``on_eval_batch_end`` after each batch and ``on_eval_end``; one that sets
+            ``run.stop_training = True`` ends the pass after that batch.
+        progress: As in ``fit``: ``"auto"`` is a live line in a terminal and, in a notebook or a
+            log, nothing unless the pass runs long (a line every 30 s); True always shows it;
+            False prints nothing. Only rank 0 shows it under torchrun.
 
     Returns:
-        ``{"loss": ..., "<metric>": ...}`` as floats.
+        ``{"loss": ..., "<metric>": ...}`` as floats; after a stop, over the batches evaluated
+        until then (on every process).
 
     Raises:
         ConfigError / DataError: As in ``fit``.
@@ -679,6 +688,7 @@ def evaluate(
     """
     _check_model(model)
     _check_batch_size(batch_size)
+    listed = _pass_callbacks(callbacks, progress)
     options = resolve_loss_options(loss, loss_weights=loss_weights, metric_heads=metric_heads(metrics), output=output)
     resolve_metrics(metrics, None, options)  # unknown or duplicate names, before any work
     job = distributed.setup()
@@ -693,10 +703,10 @@ def evaluate(
     _say(diagnosis.notes, job)
     objective = diagnosis.objective
     tally = _tally(metrics, objective, options)
-    run = _inference_run(model, target, tally, objective)
+    run = _inference_run(model, target, tally, objective, [*listed, *_display(progress, job, own_pass=True)], job)
     run.reduce = None if job is None else distributed.all_reduce_sum
     with out_of_memory_advice("evaluate", batches.batch_size, batches.num_samples):
-        results = loop.eval_epoch(run, batches, tally)
+        results = loop.eval_epoch(run, batches, tally, stoppable=True)
     explain_non_finite(batches, "evaluation data", results)  # NaN results from NaN data: say where it is
     return results
 
@@ -709,6 +719,8 @@ def predict(
     device: str | torch.device = "auto",
     all_ranks: bool = False,
     output: OutputChoice = None,
+    callbacks: Callback | Sequence[Callback] = (),
+    progress: Progress = "auto",
 ) -> Any:
     """The model's outputs for every sample of ``data``, concatenated on the CPU in input order.
 
@@ -724,10 +736,17 @@ def predict(
         output: One output to return (a key, a position, or a function of the outputs), as in
             ``fit``; by default everything the model returns but a ``loss`` and values that are
             not tensors.
+        callbacks: ``trainwell.Callback`` objects (or one alone), given the evaluation hooks
+            with ``run.phase == "predict"``: ``on_eval_start``, ``on_eval_batch_end`` after
+            each batch (``run.outputs`` holds its outputs) and ``on_eval_end``; one that sets
+            ``run.stop_training = True`` ends the pass after that batch.
+        progress: As in ``evaluate``.
 
     Returns:
         A tensor of shape (N, ...); a tuple or dict of such tensors when the model returns one
-        (a dict of one tensor, such as a classifier's ``logits``, gives that tensor).
+        (a dict of one tensor, such as a classifier's ``logits``, gives that tensor). After a
+        stop, the outputs of the first samples, those predicted until then (under torchrun, up to
+        the first sample a stopped process did not reach).
 
     Example:
         >>> import torch, trainwell
@@ -736,11 +755,13 @@ def predict(
     """
     _check_model(model)
     _check_batch_size(batch_size)
+    listed = _pass_callbacks(callbacks, progress)
     job = distributed.setup()
     target = _job_device(job, device)
     model.to(target)
     batches = _inference_batches(data, batch_size, job, target, model, inputs_only=True)
-    run = _inference_run(model, target, Tally([], has_loss=False), None)
+    run = _inference_run(model, target, Tally([], has_loss=False), None,
+                         [*listed, *_display(progress, job, own_pass=True)], job)  # fmt: skip
     with out_of_memory_advice("predict", batches.batch_size, batches.num_samples):
         collected = loop.predict_loop(run, batches, for_predict if output is None else _chosen(output))
     if job is None:
@@ -756,7 +777,16 @@ def predict(
     if not job.is_main_process and not all_ranks:
         return None
     shaped = next(part for part in parts if part is not None)
-    return distributed.interleave([shaped[:0] if part is None else part for part in parts])
+    return distributed.interleave(_in_order([shaped[:0] if part is None else part for part in parts]))
+
+
+def _in_order(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each process's outputs (rank r holds positions r, r + N, ...) up to the first position
+    missing, where a process stopped by a callback ended: the input's first samples, in order.
+    Unchanged when every process went to its end."""
+    world = len(parts)
+    end = min(len(part) * world + rank for rank, part in enumerate(parts))
+    return [part[: -(-(end - rank) // world)] for rank, part in enumerate(parts)]
 
 
 def _chosen(output: OutputChoice) -> Callable[[Any], Any]:
@@ -800,7 +830,14 @@ def _inference_batches(
     return batches
 
 
-def _inference_run(model: nn.Module, device: torch.device, tally: Tally, objective: Objective | None) -> Run:
+def _inference_run(
+    model: nn.Module,
+    device: torch.device,
+    tally: Tally,
+    objective: Objective | None,
+    callbacks: Sequence[Callback] = (),
+    job: distributed.Distributed | None = None,
+) -> Run:
     return Run(
         model=model,
         module=model,
@@ -810,6 +847,10 @@ def _inference_run(model: nn.Module, device: torch.device, tally: Tally, objecti
         val_tally=tally,
         precision=build_precision("fp32", device),
         device=device,
+        callbacks=CallbackList(callbacks),
+        is_main_process=job is None or job.is_main_process,
+        rank=0 if job is None else job.rank,
+        world_size=1 if job is None else job.world_size,
     )
 
 
@@ -821,11 +862,23 @@ def _say(notes: list[str], job: distributed.Distributed | None = None) -> None:
         warn(note)
 
 
-def _display(progress: Progress, job: distributed.Distributed | None = None) -> list[Callback]:
+def _display(progress: Progress, job: distributed.Distributed | None = None, own_pass: bool = False) -> list[Callback]:
+    """The display (rank 0's only), last in the callbacks; ``own_pass``: for evaluate or predict."""
     if job is not None and not job.is_main_process:
         return []
-    mode = choose_mode(progress, sys.stdout)
+    mode = (choose_pass_mode if own_pass else choose_mode)(progress, sys.stdout)
     return [] if mode is None else [ProgressDisplay(mode)]
+
+
+def _listed(callbacks: Callback | Iterable[Callback]) -> list[Callback]:
+    """``callbacks`` as a list: one alone is a list of one, as Keras and Lightning take it."""
+    return list(callbacks) if isinstance(callbacks, Iterable) else [callbacks]
+
+
+def _pass_callbacks(callbacks: Callback | Sequence[Callback], progress: Progress) -> list[Callback]:
+    """evaluate's and predict's ``callbacks`` and ``progress``, checked before any work."""
+    _check_choice("progress", progress, (True, False, "auto"))
+    return CallbackList(_listed(callbacks)).callbacks  # refuses an entry that is not a Callback
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:

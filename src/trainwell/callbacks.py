@@ -29,7 +29,9 @@ class Callback:
 
     Override only the hooks you need; each takes the ``Run`` and returns None. Read and steer
     training through the run: ``run.logs`` at ``on_epoch_end``, ``run.loss`` (a device tensor)
-    per batch, ``run.stop_training = True`` to stop. Callbacks run on every process; ones that
+    per batch, ``run.stop_training = True`` to stop. ``evaluate`` and ``predict`` fire only the
+    three evaluation hooks (``run.phase`` is ``"eval"`` or ``"predict"``); setting
+    ``run.stop_training`` there ends the pass after the batch. Callbacks run on every process; ones that
     write files check ``run.is_main_process``. Order: the user's callbacks in list order, then
     trainwell's display.
 
@@ -55,13 +57,15 @@ class Callback:
         """After each training step; ``run.loss`` and ``run.outputs`` are the step's."""
 
     def on_eval_start(self, run: Run) -> None:
-        """Before validation, ``evaluate`` or ``predict`` iterate their data."""
+        """Before validation, ``evaluate`` or ``predict`` iterate their data (``run.eval_batches``)."""
 
     def on_eval_batch_end(self, run: Run) -> None:
-        """After each evaluation or prediction batch."""
+        """After each evaluation or prediction batch; ``run.outputs`` are its outputs,
+        ``run.eval_batches_done`` counts the batches so far."""
 
     def on_eval_end(self, run: Run) -> None:
-        """After an evaluation pass; ``run.eval_logs`` holds its results."""
+        """After an evaluation or prediction pass; ``run.eval_logs`` holds an evaluation's results
+        (nothing for ``predict``)."""
 
     def on_epoch_end(self, run: Run) -> None:
         """After each epoch and its validation; ``run.logs`` holds the epoch's final values."""

@@ -28,6 +28,12 @@ Order of events in ``fit_loop`` (a test asserts it):
      naming each further error (so the display closes and signal handlers are restored)
 
 Nothing here reads a device value per step: losses and metrics go into device-side sums.
+
+``eval_epoch`` (validation, ``evaluate``) and ``predict_loop`` (``predict``) fire
+``on_eval_start``, ``on_eval_batch_end`` per batch and ``on_eval_end``; ``run.phase`` tells them
+apart (``"eval"`` or ``"predict"``). ``evaluate`` and ``predict`` end their pass after the batch in
+which a callback sets ``run.stop_training``; fit's validation always runs to its end, so that an
+epoch's values cover the whole validation set.
 """
 
 from __future__ import annotations
@@ -247,16 +253,25 @@ def _gradients(run: Run) -> list[torch.Tensor]:
     return [parameter.grad for parameter in run.parameters if parameter.grad is not None]
 
 
-def eval_epoch(run: Run, batches: Batches, tally: Tally) -> dict[str, float]:
+def eval_epoch(run: Run, batches: Batches, tally: Tally, stoppable: bool = False) -> dict[str, float]:
     """Evaluate ``run.model`` on ``batches`` in eval mode under inference mode.
 
     The train/eval mode of every submodule is restored exactly afterwards.
 
+    Args:
+        run: The run; ``run.eval_batches`` and ``run.eval_batches_done`` follow the pass.
+        batches: The data.
+        tally: The sums to fill.
+        stoppable: End the pass after the batch in which a callback sets ``run.stop_training``
+            (``evaluate``); fit's validation (False) always covers the whole set.
+
     Returns:
-        The tally's averages (with its prefix, e.g. ``val_loss``), also left in ``run.eval_logs``.
+        The tally's averages (with its prefix, e.g. ``val_loss``), also left in ``run.eval_logs``:
+        over the batches evaluated before a stop.
     """
     run.phase = "eval"
     tally.reset(run.device)
+    run.eval_batches, run.eval_batches_done = batches, 0
     run.callbacks.fire("on_eval_start", run)
     model = distributed.unwrap(run.model)  # no DDP collectives: the ranks' batch counts differ
     objective = run.objective
@@ -268,7 +283,10 @@ def eval_epoch(run: Run, batches: Batches, tally: Tally) -> dict[str, float]:
                 loss, named, items = objective.losses(outputs, batch.targets, batch.weights)
             tally.update(loss, outputs, batch.targets, batch.size, named, items)
             run.batch, run.outputs, run.loss = batch, outputs, loss
+            run.eval_batches_done += 1
             run.callbacks.fire("on_eval_batch_end", run)
+            if stoppable and run.stop_training:
+                break
     run.eval_logs = tally.read(run.reduce)
     run.callbacks.fire("on_eval_end", run)
     return run.eval_logs
@@ -276,16 +294,24 @@ def eval_epoch(run: Run, batches: Batches, tally: Tally) -> dict[str, float]:
 
 def predict_loop(run: Run, batches: Batches, keep: Callable[[Any], Any] = for_predict) -> list[Any]:
     """Run the model over ``batches`` in eval and inference mode; the per-batch outputs, in order,
-    each trimmed by ``keep`` (by default its loss and what is not tensors left out)."""
+    each trimmed by ``keep`` (by default its loss and what is not tensors left out).
+
+    Fires the evaluation hooks with ``run.phase == "predict"`` (``run.outputs`` is the batch's
+    outputs; there are no values, so ``run.eval_logs`` stays empty). A callback that sets
+    ``run.stop_training`` ends the pass after that batch: the outputs so far are returned."""
     run.phase = "predict"
     collected: list[Any] = []
+    run.eval_batches, run.eval_batches_done = batches, 0
     run.callbacks.fire("on_eval_start", run)
     with evaluation_mode(run.model), run.precision.autocast():
         for batch in batches.for_epoch(0):
             run.batch = batch
             run.outputs = call_model(run.model, batch.inputs)
             collected.append(keep(run.outputs))
+            run.eval_batches_done += 1
             run.callbacks.fire("on_eval_batch_end", run)
+            if run.stop_training:
+                break
     run.callbacks.fire("on_eval_end", run)
     return collected
 

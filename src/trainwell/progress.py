@@ -1,7 +1,7 @@
 """The progress display: a live line (terminal), a widget (notebook) or one line per epoch (logs).
 
-Owns: everything ``fit`` prints. Reads the running sums at most ``REFRESH_SECONDS`` apart, so
-the display never forces a device synchronisation per step.
+Owns: everything ``fit``, ``evaluate`` and ``predict`` print. Reads the running sums at most
+``REFRESH_SECONDS`` apart, so the display never forces a device synchronisation per step.
 """
 
 from __future__ import annotations
@@ -37,6 +37,20 @@ def choose_mode(progress: bool | str, stream: IO[str]) -> DisplayMode | None:
     return "lines"
 
 
+def choose_pass_mode(progress: bool | str, stream: IO[str]) -> DisplayMode | None:
+    """The display of ``evaluate`` and ``predict``: as ``choose_mode``, except that "auto" in a
+    notebook is the log's: a pass is often short and its result is the cell's output, so a
+    notebook, like a log, sees lines only from a pass that runs long (True shows the widget).
+
+    Example:
+        >>> import io
+        >>> choose_pass_mode("auto", io.StringIO()), choose_pass_mode(False, io.StringIO())
+        ('lines', None)
+    """
+    mode = choose_mode(progress, stream)
+    return "lines" if mode == "notebook" and progress == "auto" else mode
+
+
 def format_logs(logs: dict[str, float], fraction_keys: set[str]) -> str:
     """``loss 0.2314  accuracy 93.41%``: fractions as percentages, the rest with 4 significant digits.
 
@@ -56,6 +70,10 @@ def format_logs(logs: dict[str, float], fraction_keys: set[str]) -> str:
 class ProgressDisplay(Callback):
     """Shows training as it goes; added last by ``fit`` unless ``progress=False``.
 
+    In ``evaluate`` and ``predict`` it shows their pass the same way: a live line, then one line
+    with the batches done, the time and the values; in logs a pass prints lines only once it has
+    run ``LINE_EVERY_SECONDS`` (then its summary line too), so short passes print nothing.
+
     Args:
         mode: ``"live"``, ``"notebook"`` or ``"lines"`` (see ``choose_mode``).
         stream: Where to write (default: standard output at the time of writing).
@@ -70,6 +88,7 @@ class ProgressDisplay(Callback):
         self.last_line = 0.0
         self.first_batch = 0  # batches_done when this epoch's display began (> 0 after a resume)
         self.next_check = 0  # the batch at which to read the clock again
+        self.printed = False  # whether this pass printed a progress line (logs)
 
     def _out(self) -> IO[str]:
         return self.stream if self.stream is not None else sys.stdout
@@ -78,18 +97,25 @@ class ProgressDisplay(Callback):
         return run.train_tally.fraction_keys | run.val_tally.fraction_keys
 
     def _title(self, run: Run) -> str:
+        if _own_pass(run):
+            return "Predict" if run.phase == "predict" else "Evaluate"
         return f"Epoch {run.epoch + 1}/{run.epochs}"
 
     def on_epoch_start(self, run: Run) -> None:
+        assert run.train_batches is not None
+        self._start(run, run.batches_done, run.train_batches.num_batches)
+
+    def _start(self, run: Run, done: int, total: int | None) -> None:
+        """Start showing a pass of ``total`` batches (None: unknown), ``done`` of them done already."""
         self.epoch_started = self.last_refresh = self.last_line = time.perf_counter()
-        self.first_batch = run.batches_done
-        self.next_check = run.batches_done + 1
+        self.first_batch = done
+        self.next_check = done + 1
+        self.printed = False
         if self.mode == "lines":
             return
-        assert run.train_batches is not None
         self.bar = _bar_class(self.mode == "notebook")(
-            total=run.train_batches.num_batches,
-            initial=run.batches_done,
+            total=total,
+            initial=done,
             desc=self._title(run),
             bar_format=_BAR_FORMAT,
             ascii=".>=",
@@ -101,36 +127,60 @@ class ProgressDisplay(Callback):
         )
 
     def on_train_batch_end(self, run: Run) -> None:
-        if run.batches_done < self.next_check:
-            return
+        if run.batches_done >= self.next_check:
+            self._advance(run, run.batches_done, run.train_batches.num_batches if run.train_batches else None)
+
+    def on_eval_batch_end(self, run: Run) -> None:
+        if _own_pass(run) and run.eval_batches_done >= self.next_check:
+            self._advance(run, run.eval_batches_done, run.eval_batches.num_batches if run.eval_batches else None)
+
+    def _advance(self, run: Run, done: int, total: int | None) -> None:
+        """Redraw the bar (or, in logs, print a line every ``LINE_EVERY_SECONDS``) when due."""
         now = time.perf_counter()
         wait = REFRESH_SECONDS - (now - self.last_refresh)
         if wait > 0:
-            self._check_again_in(wait, run, now)
+            self._check_again_in(wait, done, now)
             return
         self.last_refresh = now
-        self._check_again_in(REFRESH_SECONDS, run, now)
+        self._check_again_in(REFRESH_SECONDS, done, now)
         if self.bar is not None:
-            self.bar.metrics = format_logs(run.running_logs(), self._fractions(run))
-            self.bar.update(run.batches_done - self.bar.n)
+            self.bar.metrics = self._running(run)
+            self.bar.update(done - self.bar.n)
         elif now - self.last_line >= LINE_EVERY_SECONDS:
             self.last_line = now
-            total = run.train_batches.num_batches if run.train_batches is not None else None
-            position = f"{run.batches_done}/{total if total is not None else '?'}"
-            logs = format_logs(run.running_logs(), self._fractions(run))
-            self._print(f"{self._title(run)}  {position}  {logs}  {_seconds(now - self.epoch_started)}")
+            self.printed = True
+            position = f"{done}/{total if total is not None else '?'}"
+            self._print(_join(self._title(run), position, self._running(run), _seconds(now - self.epoch_started)))
 
-    def _check_again_in(self, seconds: float, run: Run, now: float) -> None:
-        """Skip the clock for the batches that half of ``seconds`` takes at this epoch's pace, so
+    def _running(self, run: Run) -> str:
+        """The pass's values so far (``predict`` has none: nothing is read)."""
+        return "" if run.phase == "predict" else format_logs(run.running_logs(), self._fractions(run))
+
+    def _check_again_in(self, seconds: float, done: int, now: float) -> None:
+        """Skip the clock for the batches that half of ``seconds`` takes at this pass's pace, so
         most steps cost one comparison and the refreshes stay ~REFRESH_SECONDS apart."""
         elapsed = now - self.epoch_started
-        per_second = (run.batches_done - self.first_batch) / elapsed if elapsed > 0 else 0.0
-        self.next_check = run.batches_done + max(1, int(per_second * seconds / 2))
+        per_second = (done - self.first_batch) / elapsed if elapsed > 0 else 0.0
+        self.next_check = done + max(1, int(per_second * seconds / 2))
 
     def on_eval_start(self, run: Run) -> None:
-        if self.bar is not None:
+        if _own_pass(run):
+            self._start(run, 0, run.eval_batches.num_batches if run.eval_batches else None)
+        elif self.bar is not None:
             self.bar.metrics = "validating..."
             self.bar.refresh()
+
+    def on_eval_end(self, run: Run) -> None:
+        if not _own_pass(run):
+            return
+        seconds = time.perf_counter() - self.epoch_started
+        self._close_bar()
+        if self.mode == "lines" and not self.printed:  # a short pass in a log: nothing at all
+            return
+        total = run.eval_batches.num_batches if run.eval_batches is not None else None
+        position = f"{run.eval_batches_done}/{total if total is not None else '?'} batches"
+        logs = format_logs(run.eval_logs, self._fractions(run))
+        self._print(_join(self._title(run), position, _seconds(seconds), logs))
 
     def on_epoch_end(self, run: Run) -> None:
         self._close_bar()
@@ -172,6 +222,15 @@ def _bar_class(notebook: bool) -> type[Any]:
             return {**super().format_dict, "metrics": self.metrics}
 
     return EpochBar
+
+
+def _own_pass(run: Run) -> bool:
+    """Whether the run is ``evaluate``'s or ``predict``'s own pass (no training), not fit's validation."""
+    return run.train_batches is None
+
+
+def _join(*parts: str) -> str:
+    return "  ".join(part for part in parts if part)
 
 
 def _speed(samples_per_second: float) -> str:

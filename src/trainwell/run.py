@@ -138,6 +138,8 @@ class Run:
         history: Per-epoch logs.
         step: The training step, ``step(run, batch)``; ``loop.train_step`` unless replaced.
         train_batches: Training data; val_batches: validation data (or None).
+        eval_batches: The data of the current (or last) validation, ``evaluate`` or ``predict``
+            pass; eval_batches_done: its batches finished so far.
         epochs: Total epochs; epoch: the current one (0-based); start_epoch: the first of this run.
         batches_done: Batches finished in the current epoch; global_step: optimizer steps so far.
         phase: What the loop is doing now.
@@ -145,7 +147,8 @@ class Run:
             tensor, never read by the loop).
         logs: The epoch's final values, set before ``on_epoch_end``; eval_logs: the last evaluation's.
         extra_logs: Values callbacks add during an epoch (e.g. ``lr``); merged into ``logs``.
-        stop_training: Set by a callback to end ``fit`` after the current batch.
+        stop_training: Set by a callback to end ``fit`` after the current batch (``evaluate``
+            and ``predict`` too: they return what they computed up to it).
         seed: Seeds the data order of every epoch.
         parameters: The trainable parameters (for clipping and accumulation).
         grad_accum_steps: Batches per optimizer step; window_batches / window_samples: the
@@ -178,6 +181,8 @@ class Run:
     step: StepFn | None = None
     train_batches: Batches | None = None
     val_batches: Batches | None = None
+    eval_batches: Batches | None = None
+    eval_batches_done: int = 0
     epochs: int = 1
     epoch: int = 0
     start_epoch: int = 0
