@@ -11,6 +11,7 @@ import sys
 import time
 from typing import IO, Any, Literal
 
+from trainwell.batches import Batches
 from trainwell.callbacks import Callback
 from trainwell.history import TIME_KEYS
 from trainwell.run import Run
@@ -128,11 +129,11 @@ class ProgressDisplay(Callback):
 
     def on_train_batch_end(self, run: Run) -> None:
         if run.batches_done >= self.next_check:
-            self._advance(run, run.batches_done, run.train_batches.num_batches if run.train_batches else None)
+            self._advance(run, run.batches_done, _total(run.train_batches))
 
     def on_eval_batch_end(self, run: Run) -> None:
         if _own_pass(run) and run.eval_batches_done >= self.next_check:
-            self._advance(run, run.eval_batches_done, run.eval_batches.num_batches if run.eval_batches else None)
+            self._advance(run, run.eval_batches_done, _total(run.eval_batches))
 
     def _advance(self, run: Run, done: int, total: int | None) -> None:
         """Redraw the bar (or, in logs, print a line every ``LINE_EVERY_SECONDS``) when due."""
@@ -165,7 +166,7 @@ class ProgressDisplay(Callback):
 
     def on_eval_start(self, run: Run) -> None:
         if _own_pass(run):
-            self._start(run, 0, run.eval_batches.num_batches if run.eval_batches else None)
+            self._start(run, 0, _total(run.eval_batches))
         elif self.bar is not None:
             self.bar.metrics = "validating..."
             self.bar.refresh()
@@ -177,7 +178,7 @@ class ProgressDisplay(Callback):
         self._close_bar()
         if self.mode == "lines" and not self.printed:  # a short pass in a log: nothing at all
             return
-        total = run.eval_batches.num_batches if run.eval_batches is not None else None
+        total = _total(run.eval_batches)
         position = f"{run.eval_batches_done}/{total if total is not None else '?'} batches"
         logs = format_logs(run.eval_logs, self._fractions(run))
         self._print(_join(self._title(run), position, _seconds(seconds), logs))
@@ -227,6 +228,11 @@ def _bar_class(notebook: bool) -> type[Any]:
 def _own_pass(run: Run) -> bool:
     """Whether the run is ``evaluate``'s or ``predict``'s own pass (no training), not fit's validation."""
     return run.train_batches is None
+
+
+def _total(batches: Batches | None) -> int | None:
+    """The pass's number of batches (None: unknown, as for a generator)."""
+    return batches.num_batches if batches is not None else None
 
 
 def _join(*parts: str) -> str:
