@@ -255,9 +255,13 @@ def test_check_metric_leaves_the_accumulators_untouched() -> None:
 def test_check_metric_on_torchmetrics_style_objects() -> None:
     outputs, targets = torch.randn(6, 3), torch.arange(6) % 3
     check_metric(MulticlassF1Score(average="macro"), outputs, targets)
-    with pytest.raises(tw.ConfigError, match=r"f1_score returned tensor of shape \(3,\)") as raised:
-        check_metric(MulticlassF1Score(average=None), outputs, targets)
-    assert "average='macro'" in str(raised.value)
+    check_metric(MulticlassF1Score(average=None), outputs, targets)  # per class: one key each (below)
+    values = tw.evaluate(torch.nn.Identity(), (outputs, targets), metrics=[MulticlassF1Score(average=None)])
+    assert sorted(values) == ["f1_score_0", "f1_score_1", "f1_score_2"]
+    table = MulticlassF1Score(average=None)
+    table.compute = lambda: torch.zeros(3, 3)  # type: ignore[method-assign]  # neither one number nor one per class
+    with pytest.raises(tw.ConfigError, match=r"f1_score returned tensor of shape \(3, 3\)"):
+        check_metric(table, outputs, targets)
     with pytest.raises(tw.ConfigError, match=r"'auroc' raised ValueError .*expected binary scores") as raised:
         check_metric(BinaryAUROC(), outputs, targets)
     assert "outputs tensor of shape (6, 3), dtype float32" in str(raised.value)

@@ -442,7 +442,7 @@ def unusable_result_error(name: str, value: Any) -> Exception:
     return config_error(
         f"Metric {name!r} must give one number per batch, but its result is not a single value.",
         f"{name} returned {describe(value)}",
-        METRIC_FIX + " (torchmetrics: use average='macro' or 'micro' rather than per-class values).",
+        METRIC_FIX + " (or a dict of such numbers; a torchmetrics object may give one number per class).",
     )
 
 
@@ -691,7 +691,7 @@ def check_metric(metric: Metric | ExternalMetric, outputs: Any, targets: Any, na
         return
     if isinstance(result, dict) and isinstance(probe, Metric):
         return  # a built-in metric with one number per class: logged as one key each
-    if isinstance(probe, ExternalMetric) and isinstance(result, torch.Tensor) and result.numel() > 1:
+    if isinstance(probe, ExternalMetric) and isinstance(result, torch.Tensor) and result.dim() == 1:
         return  # a torchmetrics vector (per class): logged as one key each
     if scalar_tensor(result, device) is None:
         raise unusable_result_error(name, result)
