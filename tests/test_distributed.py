@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent(
                         os.kill(os.getpid(), signal.SIGKILL)
 
         history = tw.fit(model, (x, y), loss="cross_entropy", optimizer="adam", lr=0.01, epochs=3,
-                         batch_size=batch_size, metrics=["accuracy"], val_split=0.2, seed=0,
+                         batch_size=batch_size, metrics=["accuracy", "f1_macro", "iou"], val_split=0.2, seed=0,
                          callbacks=[tw.CSVLogger(os.path.join(out, "log.csv")), Chaos()],
                          checkpoint_dir=os.path.join(out, "checkpoints") if mode == "restart" else None,
                          checkpoint_every=3 if mode == "restart" else None, resume="auto" if mode == "restart" else False)
@@ -62,7 +62,8 @@ SCRIPT = textwrap.dedent(
         features, labels = load_digits(return_X_y=True)
         x, y = torch.tensor(features / 16.0, dtype=torch.float32), torch.tensor(labels)
         model = model_for(64, 10)
-        results = tw.evaluate(model, (x, y), loss="cross_entropy", metrics=["accuracy"], batch_size=100, progress=True)
+        results = tw.evaluate(model, (x, y), loss="cross_entropy", batch_size=100, progress=True,
+                              metrics=["accuracy", "f1_macro", "iou", "precision_per_class", "balanced_accuracy"])
         outputs = tw.predict(model, x, batch_size=100, all_ranks=True, progress=True)
 
         class Stop(tw.Callback):  # each process stops on its own: rank 0 after 3 batches, rank 1 after 2
@@ -70,7 +71,10 @@ SCRIPT = textwrap.dedent(
                 run.stop_training = run.eval_batches_done == 3 - run.rank
 
         stopped = tw.predict(model, x, batch_size=100, callbacks=Stop(), progress=False)
-        torch.save({"results": results, "outputs": outputs, "stopped": stopped}, os.path.join(out, f"evaluate-{rank}.pt"))
+        _, scored, targets = tw.evaluate(model, (x, y), loss="cross_entropy", batch_size=64, progress=False,
+                                         return_outputs=True)
+        torch.save({"results": results, "outputs": outputs, "stopped": stopped, "scored": scored, "targets": targets},
+                   os.path.join(out, f"evaluate-{rank}.pt"))
     print(f"rank {rank} done", flush=True)
     """
 )
@@ -144,7 +148,9 @@ def test_evaluation_counts_every_sample_exactly_once(script: Path, tmp_path: Pat
     expected = load(tmp_path / "one" / "evaluate-0.pt")
     for rank in (0, 1):  # 1,797 samples: 899 on rank 0, 898 on rank 1, no padding
         got = load(tmp_path / "two" / f"evaluate-{rank}.pt")
-        assert got["results"]["accuracy"] == expected["results"]["accuracy"]
+        # Counting metrics come from the same integer counts, summed across the ranks: exactly equal.
+        counted = [key for key in expected["results"] if key != "loss"]
+        assert len(counted) == 14 and all(got["results"][key] == expected["results"][key] for key in counted)
         assert got["results"]["loss"] == pytest.approx(expected["results"]["loss"], rel=1e-6)
         assert torch.allclose(got["outputs"], expected["outputs"], atol=1e-6)  # in input order
     # Only rank 0 shows the passes (progress=True): 9 batches of its 899 samples.
@@ -155,6 +161,12 @@ def test_evaluation_counts_every_sample_exactly_once(script: Path, tmp_path: Pat
     stopped = load(tmp_path / "two" / "evaluate-0.pt")["stopped"]
     assert torch.allclose(stopped, expected["outputs"][:401], atol=1e-6)
     assert load(tmp_path / "two" / "evaluate-1.pt")["stopped"] is None
+    # evaluate(return_outputs=True) gathers what it scored on rank 0, in input order (batches of 64
+    # per process: a ragged last batch on each).
+    first, second = (load(tmp_path / "two" / f"evaluate-{rank}.pt") for rank in (0, 1))
+    assert torch.equal(first["targets"], expected["targets"]) and len(expected["targets"]) == 1797
+    assert torch.allclose(first["scored"], expected["scored"], atol=1e-6)
+    assert second["scored"] is None and second["targets"] is None
 
 
 def test_a_failure_on_one_rank_ends_the_job_promptly_with_its_error(script: Path, tmp_path: Path) -> None:

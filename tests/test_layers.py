@@ -9,7 +9,7 @@ import trainwell
 
 SOURCE = Path(trainwell.__file__).parent
 LAYERS = [
-    {"__init__", "__main__", "cli", "datasets", "lr_finder", "summary"},
+    {"__init__", "__main__", "cli", "datasets", "lr_finder", "summary", "report"},
     {"api"},
     {"loop", "doctor", "folder"},
     {"progress", "weights", "checkpoints", "callbacks", "schedules", "loggers"},
@@ -75,8 +75,9 @@ def test_no_grab_bag_modules() -> None:
 
 def test_public_names() -> None:
     assert set(trainwell.__all__) == {
-        "CSVLogger", "Callback", "ConfigError", "DataError", "EarlyStopping", "History", "LRFinderResult",
-        "LRScheduler", "LambdaCallback", "ModelCheckpoint", "ModelSummary", "Run", "StepResult", "TensorBoard",
+        "CSVLogger", "Callback", "ConfigError", "DataError", "EarlyStopping", "Evaluation", "History",
+        "LRFinderResult", "LRScheduler", "LambdaCallback", "ModelCheckpoint", "ModelSummary", "Report", "Run",
+        "StepResult", "TensorBoard", "classification_report",
         "TerminateOnNaN",
         "TrainingInterrupted", "TrainwellWarning",
         "TrainwellError", "__version__", "compute_loss", "evaluate", "find_lr", "fit", "load_weights",

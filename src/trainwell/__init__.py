@@ -6,7 +6,7 @@ Example:
     ['CSVLogger', 'Callback', 'ConfigError']
 """
 
-from trainwell.api import evaluate, fit, predict
+from trainwell.api import Evaluation, evaluate, fit, predict
 from trainwell.callbacks import Callback, EarlyStopping, LambdaCallback, TerminateOnNaN
 from trainwell.errors import ConfigError, DataError, TrainingInterrupted, TrainwellError, TrainwellWarning
 from trainwell.history import History
@@ -15,6 +15,7 @@ from trainwell.loop import compute_loss, optimizer_step, train_step
 from trainwell.lr_finder import LRFinderResult, find_lr
 from trainwell.objective import structured
 from trainwell.plots import plot_confusion_matrix
+from trainwell.report import Report, classification_report
 from trainwell.run import Run, StepResult
 from trainwell.schedules import LRScheduler
 from trainwell.summary import ModelSummary, summary
@@ -27,12 +28,14 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EarlyStopping",
+    "Evaluation",
     "History",
     "LRFinderResult",
     "LRScheduler",
     "LambdaCallback",
     "ModelCheckpoint",
     "ModelSummary",
+    "Report",
     "Run",
     "StepResult",
     "TensorBoard",
@@ -41,6 +44,7 @@ __all__ = [
     "TrainwellError",
     "TrainwellWarning",
     "__version__",
+    "classification_report",
     "compute_loss",
     "evaluate",
     "find_lr",

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast, get_args
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ from trainwell.errors import (
     warn,
 )
 from trainwell.history import TIME_KEYS, History
-from trainwell.losses import with_class_weight
+from trainwell.losses import Decoded, LossFn, LossSpec, decode, resolve_loss, with_class_weight
 from trainwell.metrics import Tally
 from trainwell.models import (
     INFERENCE_BATCH_RANGE,
@@ -67,6 +67,7 @@ from trainwell.precision import PrecisionName, build_precision
 from trainwell.progress import ProgressDisplay, choose_mode, choose_pass_mode
 from trainwell.run import Run, StepFn
 from trainwell.schedules import LRScheduler, check_scheduler, scheduler_callback
+from trainwell.structures import map_tensors
 
 Progress = bool | Literal["auto"]
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile(mode=)
@@ -646,7 +647,8 @@ def evaluate(
     target_key: str | None = TARGET_KEY,
     callbacks: Callback | Sequence[Callback] = (),
     progress: Progress = "auto",
-) -> dict[str, float]:
+    return_outputs: bool = False,
+) -> Any:
     """Score ``model`` on ``data``: the loss and metrics averaged over every sample (over every
     counted position when the targets have ignored positions).
 
@@ -671,10 +673,15 @@ def evaluate(
         progress: As in ``fit``: ``"auto"`` is a live line in a terminal and, in a notebook or a
             log, nothing unless the pass runs long (a line every 30 s); True always shows it;
             False prints nothing. Only rank 0 shows it under torchrun.
+        return_outputs: Also give back what was scored: an ``Evaluation(values, outputs,
+            targets)``, the prediction the loss and metrics read (``output=`` picks it; a dict
+            by head for several heads) and the targets, on the CPU in input order (gathered
+            on rank 0 under torchrun, None on the other ranks).
 
     Returns:
         ``{"loss": ..., "<metric>": ...}`` as floats; after a stop, over the batches evaluated
-        until then (on every process).
+        until then (on every process). With ``return_outputs``, an ``Evaluation`` holding them
+        (it unpacks as ``values, outputs, targets``).
 
     Raises:
         ConfigError / DataError: As in ``fit``.
@@ -703,12 +710,72 @@ def evaluate(
     _say(diagnosis.notes, job)
     objective = diagnosis.objective
     tally = _tally(metrics, objective, options)
-    run = _inference_run(model, target, tally, objective, [*listed, *_display(progress, job, own_pass=True)], job)
+    collector = _Collector(objective) if return_outputs else None
+    hooks = [*listed, *([collector] if collector else []), *_display(progress, job, own_pass=True)]
+    run = _inference_run(model, target, tally, objective, hooks, job)
     run.reduce = None if job is None else distributed.all_reduce_sum
     with out_of_memory_advice("evaluate", batches.batch_size, batches.num_samples):
         results = loop.eval_epoch(run, batches, tally, stoppable=True)
     explain_non_finite(batches, "evaluation data", results)  # NaN results from NaN data: say where it is
-    return results
+    if collector is None:
+        return results
+    return Evaluation(results, *(_in_input_order(parts, job) for parts in (collector.outputs, collector.targets)))
+
+
+class Evaluation(NamedTuple):
+    """What ``evaluate(..., return_outputs=True)`` gives back.
+
+    Attributes:
+        values: The loss and metrics, as ``evaluate`` returns them.
+        outputs: The prediction the loss and metrics read, per sample in input order, on the
+            CPU (a dict by head for several heads); None on ranks other than 0 under torchrun.
+        targets: The targets, likewise.
+    """
+
+    values: dict[str, float]
+    outputs: Any
+    targets: Any
+
+
+class _Collector(Callback):
+    """Keeps each evaluated batch's prediction and targets (on the device: no synchronisation)."""
+
+    def __init__(self, objective: Objective | None) -> None:
+        self.objective = objective
+        self.outputs: list[Any] = []
+        self.targets: list[Any] = []
+
+    def on_eval_batch_end(self, run: Run) -> None:
+        assert run.batch is not None
+        heads = self.objective.heads if self.objective is not None else ()
+        outputs, targets = run.outputs, run.batch.targets
+        if len(heads) == 1:
+            outputs, targets = heads[0].output(outputs), heads[0].target(targets)
+        elif heads:
+            outputs = {head.name: head.output(outputs) for head in heads}
+            targets = {head.name: head.target(targets) for head in heads}
+        else:
+            outputs = for_predict(outputs)
+        self.outputs.append(map_tensors(outputs, torch.Tensor.detach))
+        self.targets.append(map_tensors(targets, torch.Tensor.detach))
+
+
+def _in_input_order(parts: list[Any], job: distributed.Distributed | None, all_ranks: bool = False) -> Any:
+    """A pass's per-batch tensors as one, in input order (gathered on rank 0 in a job)."""
+    if job is None:
+        return _concatenate(parts)
+    merged = _concatenate(parts) if parts else None  # a rank may have no sample at all
+    if merged is not None and not isinstance(merged, torch.Tensor):
+        raise config_error(
+            "In a torchrun job, outputs are gathered as tensors only.",
+            describe(merged),
+            "return a tensor from the model, or pick one output with output=.",
+        )
+    gathered = distributed.gather(merged)
+    if not job.is_main_process and not all_ranks:
+        return None
+    shaped = next(part for part in gathered if part is not None)
+    return distributed.interleave(_in_order([shaped[:0] if part is None else part for part in gathered]))
 
 
 def predict(
@@ -721,6 +788,8 @@ def predict(
     output: OutputChoice = None,
     callbacks: Callback | Sequence[Callback] = (),
     progress: Progress = "auto",
+    returns: Decoded = "outputs",
+    loss: str | LossFn | None = None,
 ) -> Any:
     """The model's outputs for every sample of ``data``, concatenated on the CPU in input order.
 
@@ -741,6 +810,11 @@ def predict(
             each batch (``run.outputs`` holds its outputs) and ``on_eval_end``; one that sets
             ``run.stop_training = True`` ends the pass after that batch.
         progress: As in ``evaluate``.
+        returns: ``"outputs"`` as the model gives them; for a classifier ``"probabilities"``
+            or ``"classes"`` (class indices; 0/1 per output for a binary loss), read through
+            ``loss``: softmax for ``cross_entropy``, exp for ``nll``, sigmoid for
+            ``bce_with_logits``, as they are for ``bce``.
+        loss: The loss the classifier was trained with (needed for ``returns``).
 
     Returns:
         A tensor of shape (N, ...); a tuple or dict of such tensors when the model returns one
@@ -756,6 +830,7 @@ def predict(
     _check_model(model)
     _check_batch_size(batch_size)
     listed = _pass_callbacks(callbacks, progress)
+    spec = _decoding_loss(returns, loss)
     job = distributed.setup()
     target = _job_device(job, device)
     model.to(target)
@@ -764,20 +839,35 @@ def predict(
                          [*listed, *_display(progress, job, own_pass=True)], job)  # fmt: skip
     with out_of_memory_advice("predict", batches.batch_size, batches.num_samples):
         collected = loop.predict_loop(run, batches, for_predict if output is None else _chosen(output))
-    if job is None:
-        return _concatenate(collected)
-    outputs = _concatenate(collected) if collected else None  # a rank may have no sample at all
-    if outputs is not None and not isinstance(outputs, torch.Tensor):
+    outputs = _in_input_order(collected, job, all_ranks)
+    if spec is None or outputs is None:
+        return outputs
+    if not isinstance(outputs, torch.Tensor):
         raise config_error(
-            "In a torchrun job, predict gathers tensor outputs only.",
+            f"returns={returns!r} reads one tensor of class scores; the model returns several outputs.",
             describe(outputs),
-            "return a tensor from the model, or pick one output with output=.",
+            "pick the class scores with output= (e.g. output='logits').",
         )
-    parts = distributed.gather(outputs)
-    if not job.is_main_process and not all_ranks:
+    return decode(outputs, spec, returns)
+
+
+def _decoding_loss(returns: Any, loss: str | LossFn | None) -> LossSpec | None:
+    """The loss through which predict reads a classifier's outputs (None: as they are)."""
+    if returns not in get_args(Decoded):
+        raise config_error(
+            "returns must be 'outputs', 'probabilities' or 'classes'.",
+            f"returns={returns!r}",
+            "pass returns='probabilities' (or 'classes') with the classifier's loss, e.g. loss='cross_entropy'.",
+        )
+    if returns == "outputs":
         return None
-    shaped = next(part for part in parts if part is not None)
-    return distributed.interleave(_in_order([shaped[:0] if part is None else part for part in parts]))
+    if loss is None:
+        raise config_error(
+            f"returns={returns!r} needs the loss the classifier was trained with: it says how to read the outputs.",
+            "loss=None",
+            f"pass e.g. loss='cross_entropy' (softmax) or loss='bce_with_logits' (sigmoid) with returns={returns!r}.",
+        )
+    return resolve_loss(loss)
 
 
 def _in_order(parts: list[torch.Tensor]) -> list[torch.Tensor]:

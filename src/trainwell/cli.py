@@ -34,7 +34,7 @@ from torch import nn
 import trainwell
 from trainwell.datasets import BUNDLED, Scaler, Table, load_table, read_features, split
 from trainwell.errors import TrainwellError, config_error, data_error, format_message
-from trainwell.plots import confusion_matrix, plot_confusion_matrix
+from trainwell.report import Report
 from trainwell.weights import atomic_save, atomic_write, load_weights
 
 MODEL_FILE, SPEC_FILE, CONFIG_FILE = "model.pt", "model.json", "config.toml"
@@ -555,31 +555,21 @@ def _score(model: nn.Module, table: Table, spec: dict[str, Any], metrics: list[s
     results |= trainwell.evaluate(model, (features, targets), loss=spec["loss"], metrics=metrics, device=device)
     outputs = trainwell.predict(model, features, device=device)
     if spec["task"] == "classification" and outputs is not None:  # None on ranks other than 0 under torchrun
-        predicted = _predicted_classes(outputs, spec)
-        matrix = confusion_matrix(torch.from_numpy(table.targets), predicted, len(spec["class_names"]))
-        results["per_class"] = _per_class(matrix, spec["class_names"])
-        results["confusion_matrix"] = matrix.tolist()
-        results["predicted"] = predicted.tolist()
+        report = Report.from_predictions(outputs, torch.from_numpy(table.targets), class_names=spec["class_names"],
+                                         threshold=_threshold(spec))  # fmt: skip
+        results["report"] = report
     return results
+
+
+def _threshold(spec: dict[str, Any]) -> float:
+    """Where a one-output classifier says yes: its sigmoid output at 0.5, its logit at 0."""
+    return 0.5 if spec["head"] == "sigmoid" else 0.0
 
 
 def _predicted_classes(outputs: torch.Tensor, spec: dict[str, Any]) -> torch.Tensor:
     if spec["outputs"] > 1:
         return outputs.argmax(1)
-    threshold = 0.5 if spec["head"] == "sigmoid" else 0.0
-    return (outputs.reshape(-1) > threshold).long()
-
-
-def _per_class(matrix: torch.Tensor, names: list[str]) -> dict[str, dict[str, float]]:
-    table = {}
-    for index, name in enumerate(names):
-        correct = matrix[index, index].item()
-        predicted, actual = matrix[:, index].sum().item(), matrix[index].sum().item()
-        precision = correct / predicted if predicted else 0.0
-        recall = correct / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        table[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
-    return table
+    return (outputs.reshape(-1) > _threshold(spec)).long()
 
 
 def _print_results(results: dict[str, Any], spec: dict[str, Any]) -> None:
@@ -588,12 +578,8 @@ def _print_results(results: dict[str, Any], spec: dict[str, Any]) -> None:
         if isinstance(value, float):
             shown = f"{value:.2%}" if "accuracy" in key else f"{value:.4f}"
             print(f"  {key:<9} {shown}")
-    if "per_class" in results:
-        width = max(8, *(len(name) for name in spec["class_names"]))
-        print(f"\n  {'class':<{width}}  precision  recall  f1     support")
-        for name, row in results["per_class"].items():
-            scores = f"{row['precision']:<9.3f}  {row['recall']:<6.3f}  {row['f1']:<5.3f}"
-            print(f"  {name:<{width}}  {scores}  {row['support']}")
+    if "report" in results:
+        print("\n" + "\n".join(f"  {line}" if line else "" for line in str(results["report"]).splitlines()))
 
 
 def _write_run(
@@ -609,15 +595,13 @@ def _write_run(
     _save(folder / "history.csv", history.to_csv)
     _save(folder / SPEC_FILE, json.dumps(spec, indent=1))
     atomic_save({key: value.cpu() for key, value in model.state_dict().items()}, folder / MODEL_FILE)
-    summary = {key: value for key, value in results.items() if key != "predicted"}
+    report: Report | None = results.get("report")
+    summary = {key: value for key, value in results.items() if key != "report"}
+    summary |= {} if report is None else report.to_dict()  # per_class, confusion_matrix, overall, curves
     _save(folder / "metrics.json", json.dumps({"test": summary, "epochs": history.epochs}, indent=1))
     _save(folder / "curves.png", history.plot)
-    if spec["task"] == "classification":
-        targets = torch.from_numpy(table.targets)
-        _save(
-            folder / "confusion_matrix.png",
-            lambda path: plot_confusion_matrix(targets, results["predicted"], spec["class_names"], path),
-        )
+    if report is not None:
+        _save(folder / "confusion_matrix.png", report.plot_confusion_matrix)
 
 
 def _save(path: Path, content: str | Callable[[Path], object]) -> None:

@@ -165,6 +165,48 @@ def sample_weighted(spec: LossSpec) -> WeightedLossFn:
     return weighted
 
 
+Decoded = Literal["outputs", "probabilities", "classes"]
+
+
+def decode(outputs: torch.Tensor, spec: LossSpec, returns: Decoded) -> torch.Tensor:
+    """A classifier's outputs as the loss reads them: class probabilities (softmax over
+    dimension 1 for cross-entropy's logits, exp of nll's log-probabilities, sigmoid for
+    bce_with_logits; bce's outputs already are) or class indices (the arg-max, or 0/1 per
+    output for binary losses at 0.5).
+
+    Raises:
+        ConfigError: A loss that does not train a classifier.
+
+    Example:
+        >>> decode(torch.tensor([[0.0, 2.0], [1.0, -1.0]]), LOSSES["cross_entropy"], "classes").tolist()
+        [1, 0]
+    """
+    if returns == "outputs":
+        return outputs
+    if spec.task not in ("multiclass", "binary") or spec.outputs not in (
+        "logits",
+        "probabilities",
+        "log_probabilities",
+    ):
+        raise config_error(
+            f"returns={returns!r} reads a classifier's outputs through its loss; {spec.name} trains no classifier.",
+            f"loss={spec.name!r} ({spec.task})",
+            "name the classification loss the model was trained with (cross_entropy, nll, bce, bce_with_logits), "
+            "or leave returns='outputs'.",
+        )
+    if spec.task == "multiclass":
+        probabilities = (
+            outputs.softmax(1)
+            if spec.outputs == "logits"
+            else outputs.exp()
+            if spec.outputs == "log_probabilities"
+            else outputs
+        )
+        return probabilities if returns == "probabilities" else outputs.argmax(1)
+    probabilities = outputs.sigmoid() if spec.outputs == "logits" else outputs
+    return probabilities if returns == "probabilities" else (probabilities > 0.5).long()
+
+
 def binary_threshold(spec: LossSpec) -> float:
     """Where binary accuracy splits single-column outputs: 0 for logits, 0.5 otherwise."""
     return 0.0 if spec.outputs == "logits" else 0.5

@@ -87,6 +87,13 @@ def plot_confusion_matrix(
         The matplotlib Figure.
     """
     matrix = confusion_matrix(targets, predictions, len(class_names) if class_names else None)
+    return plot_matrix(matrix, class_names, path)
+
+
+def plot_matrix(
+    matrix: torch.Tensor, class_names: Sequence[str] | None = None, path: str | Path | None = None
+) -> Figure:
+    """Draw a confusion matrix of counts (rows true classes, columns predicted ones)."""
     classes = matrix.shape[0]
     names = list(class_names) if class_names else [str(index) for index in range(classes)]
     size = min(3 + 0.45 * classes, 14)
@@ -131,6 +138,26 @@ def confusion_matrix(
         )
     classes = classes or int(max(true.max().item(), predicted.max().item())) + 1
     return torch.bincount(true * classes + predicted, minlength=classes * classes).reshape(classes, classes)
+
+
+def plot_curve(
+    x: Sequence[float], y: Sequence[float], labels: tuple[str, str], title: str, path: str | Path | None = None
+) -> Figure:
+    """A curve on the unit square (ROC, precision-recall): ``labels`` name the x and y axes."""
+    figure = _new_figure(figsize=(4.5, 4.2), layout="constrained")
+    axis = figure.subplots()
+    axis.plot(x, y, drawstyle="steps-pre" if labels[0] == "recall" else "default")
+    if labels[0] == "false positive rate":
+        axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    axis.set_xlim(-0.02, 1.02)
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_xlabel(labels[0])
+    axis.set_ylabel(labels[1])
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    return figure
 
 
 def plot_lr_finder(
