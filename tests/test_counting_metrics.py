@@ -216,3 +216,18 @@ def test_a_metric_returning_named_values_logs_each_as_a_sample_weighted_mean() -
     with pytest.raises(tw.ConfigError, match="must give the same named numbers for every batch"):
         tw.evaluate(Fixed(scores), (torch.arange(50), targets), loss="cross_entropy", batch_size=16,
                     metrics=[unsteady])  # fmt: skip
+
+
+def test_monitors_may_name_a_per_class_value_or_a_dict_metrics_key() -> None:
+    def agreement(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"hits": (outputs.argmax(1) == targets).float().mean()}
+
+    x, y = torch.randn(60, 3), torch.arange(60) % 3
+    for metric, monitor in (("f1_per_class", "val_f1_2"), (agreement, "val_hits")):
+        stopper = tw.EarlyStopping(monitor=monitor, patience=1, mode="auto" if metric == "f1_per_class" else "max")
+        history = tw.fit(nn.Linear(3, 3), (x, y), loss="cross_entropy", metrics=[metric], val_split=0.2, epochs=2,
+                         callbacks=[stopper], progress=False)  # fmt: skip
+        assert monitor in history and stopper.tracker.mode == "max"
+    with pytest.raises(tw.ConfigError, match="The monitored value 'val_f1_7' is not logged"):
+        tw.fit(nn.Linear(3, 3), (x, y), loss="cross_entropy", metrics=["f1_per_class"], val_split=0.2,
+               callbacks=[tw.EarlyStopping(monitor="val_f1_7")], progress=False)  # fmt: skip

@@ -41,7 +41,7 @@ from trainwell.errors import (
 )
 from trainwell.history import TIME_KEYS, History
 from trainwell.losses import Decoded, LossFn, LossSpec, decode, resolve_loss, with_class_weight
-from trainwell.metrics import Tally
+from trainwell.metrics import Tally, several_values_prefix
 from trainwell.models import (
     INFERENCE_BATCH_RANGE,
     PROBE_SAMPLES,
@@ -360,8 +360,9 @@ class FitOptions:
             self.loss, loss_weights=self.loss_weights, metric_heads=metric_heads(self.metrics), output=self.output,
             custom_step=self.step is not None,
         )  # fmt: skip
-        names = [*(loss_options.loss_keys if loss_options is not None else []),
-                 *(slot.name for slot in resolve_metrics(self.metrics, None, loss_options))]  # fmt: skip
+        slots = resolve_metrics(self.metrics, None, loss_options)
+        names = [*(loss_options.loss_keys if loss_options is not None else []), *(slot.name for slot in slots)]
+        several = [several_values_prefix(slot) for slot in slots]  # their keys are known once they ran
         clash = next((name for name in names if name in TIME_KEYS), None)
         if clash is not None:
             raise config_error(
@@ -372,7 +373,8 @@ class FitOptions:
         has_val = self.val is not None or bool(self.val_split)
         keys = names + [f"val_{name}" for name in names if has_val] + (["lr"] if self.scheduler is not None else [])
         schedule = [self.scheduler] if isinstance(self.scheduler, LRScheduler) else []
-        _check_monitors([*CallbackList(self.callbacks).callbacks, *schedule], keys, self.step)
+        _check_monitors([*CallbackList(self.callbacks).callbacks, *schedule], keys, self.step,
+                        [prefix for prefix in several if prefix is not None])  # fmt: skip
         weights = None if self.class_weight is None else _class_weight_tensor(self.class_weight)
         if weights is not None:
             _with_class_weight(loss_options, weights)  # a loss without classes is refused here
@@ -596,15 +598,21 @@ def _already_done(run: Run, state: dict[str, Any]) -> bool:
     return True
 
 
-def _check_monitors(callbacks: Sequence[Callback], keys: list[str], step: StepFn | None) -> None:
-    """Every callback's ``monitor`` must name a value that the run will log (a custom step's own
-    values are known only once it ran: those are checked when they are read)."""
+def _check_monitors(
+    callbacks: Sequence[Callback], keys: list[str], step: StepFn | None, open_prefixes: Sequence[str] = ()
+) -> None:
+    """Every callback's ``monitor`` must name a value that the run will log. A custom step's own
+    values, and the keys of metrics with several values (``f1_per_class``, a function returning
+    a dict: those starting with one of ``open_prefixes``), are known only once they ran: those
+    are checked when they are read."""
     available = [*keys, *(key for callback in callbacks for key in getattr(callback, "adds_logs", ()))]
     for callback in callbacks:
         monitor = getattr(callback, "monitor", None)
         if monitor is not None:
             check_monitorable(monitor)
         if monitor is None or monitor in available or (step is not None and not monitor.startswith("val_")):
+            continue
+        if any(monitor.removeprefix("val_").startswith(prefix) for prefix in open_prefixes):
             continue
         hint = " (there is no validation data: pass val= or val_split=)" if monitor.startswith("val_") else ""
         raise config_error(

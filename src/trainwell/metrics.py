@@ -861,6 +861,18 @@ def external_value(value: Any) -> float | dict[str, float]:
     return float(value)
 
 
+def several_values_prefix(slot: MetricSlot) -> str | None:
+    """The start of the keys a metric with several values logs (``f1_`` for ``f1_per_class``;
+    a function's head prefix, as its dict keys are its own), None for a metric of one value."""
+    if isinstance(slot.metric, FunctionMetric):
+        return slot.name.removesuffix(slot.metric.name)
+    if slot.name.endswith("_per_class"):
+        return slot.name.removesuffix("per_class")
+    if not isinstance(slot.metric, (Metric, Ranking)):  # a torchmetrics object may give one value per class
+        return slot.name + "_"
+    return None
+
+
 def expand(slot: MetricSlot, value: float | dict[str, float]) -> dict[str, float]:
     """A metric's log entries: ``{name: value}``, or one key per part of a result with several:
     a function's dict keeps its own keys (after the head's prefix), per-class values are
