@@ -231,3 +231,20 @@ def test_monitors_may_name_a_per_class_value_or_a_dict_metrics_key() -> None:
     with pytest.raises(tw.ConfigError, match="The monitored value 'val_f1_7' is not logged"):
         tw.fit(nn.Linear(3, 3), (x, y), loss="cross_entropy", metrics=["f1_per_class"], val_split=0.2,
                callbacks=[tw.EarlyStopping(monitor="val_f1_7")], progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("task", ["multiclass", "ignored", "binary", "multilabel"])
+def test_accuracy_beside_counting_metrics_reads_their_matrix_and_equals_accuracy_alone(task: str) -> None:
+    generator = torch.Generator().manual_seed(1)
+    width = {"multiclass": 4, "ignored": 4, "binary": 1, "multilabel": 3}[task]
+    scores = torch.randn(90, width, generator=generator)
+    if task in ("multiclass", "ignored"):
+        targets, loss = torch.randint(0, 4, (90,), generator=generator), "cross_entropy"
+        if task == "ignored":
+            targets[::7] = -100
+    else:
+        targets, loss = (torch.rand(90, width, generator=generator) > 0.5).float(), "bce_with_logits"
+    data = (torch.arange(90), targets)
+    alone = tw.evaluate(Fixed(scores), data, loss=loss, metrics=["accuracy"], batch_size=16)
+    shared = tw.evaluate(Fixed(scores), data, loss=loss, metrics=["accuracy", "f1_macro", "precision"], batch_size=16)
+    assert shared["accuracy"] == pytest.approx(alone["accuracy"], abs=1e-12)

@@ -224,6 +224,9 @@ class ClassCounts(Metric):
         self.kind, self.average, self.width = kind, average, width
         self.mode, self.threshold, self.ignore_index = mode, threshold, ignore_index
         self.name = kind if average is None else f"{kind}_{average}"
+        self.is_fraction = kind == "accuracy"
+        self.units = torch.ones(0, dtype=torch.int64)  # the weight of each counted position, reused
+        self.source: ClassCounts | None = None  # another's matrix this one reads (see share_counts)
 
     def _is_multiclass(self, width: int) -> bool:
         return self.mode == "multiclass" or (self.mode == "auto" and width > 1)
@@ -234,40 +237,80 @@ class ClassCounts(Metric):
         self.total = torch.zeros(shape, dtype=torch.int64, device=device)
 
     def reset(self, device: torch.device) -> None:
+        if self.source is not None:  # reads the source's matrix: sums nothing itself
+            self.total, self.count = torch.zeros(0, dtype=torch.int64, device=device), 1
+            return
         if self.width:
             self._allocate(self.width, device)
         else:  # sized by the first batch
             self.total = torch.zeros((), dtype=torch.int64, device=device)
         self.count = 1
+        self.units = torch.ones(0, dtype=torch.int64, device=device)
 
     def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        # As few kernels and Python steps as possible (this runs every step): each position's
+        # cell is truth * cells + prediction (+ 4 l for label l), counted by one index_add_.
+        if self.source is not None:
+            return
         width = outputs.shape[1] if outputs.dim() >= 2 else 1
         if self.total.dim() == 0:
             self._allocate(width, outputs.device)
         multiclass = self._is_multiclass(width)
-        if targets.shape == outputs.shape and multiclass:  # one-hot or class probabilities
-            targets = targets.argmax(1)
-        counted = torch.ones_like(targets, dtype=torch.int64)
-        if self.ignore_index is not None:
-            counted = (targets != self.ignore_index).long()
         if multiclass:
-            predicted = outputs.argmax(1)
-            truth, cells = targets.reshape(predicted.shape).long(), width
-            counted = counted.reshape(predicted.shape)
-            offset: int | torch.Tensor = 0
-        else:  # yes/no per output; with several labels, label l's own 2 x 2 cells start at 4 l
-            predicted = (outputs > self.threshold).long()
-            truth, cells = (targets.reshape(outputs.shape) > 0.5).long(), 2
-            counted = counted.reshape(outputs.shape)
-            offset = 0
-            if self.total.dim() == 3:
-                offset = 4 * torch.arange(width, device=outputs.device).view(1, -1, *[1] * (outputs.dim() - 2))
-        index = offset + truth * counted * cells + predicted  # an ignored position adds 0 to some cell
-        self.total.view(-1).index_add_(0, index.reshape(-1), counted.reshape(-1))
+            if targets.shape == outputs.shape:  # one-hot or class probabilities
+                targets = targets.argmax(1)
+            predicted, truth, cells = outputs.argmax(1).reshape(-1), targets.reshape(-1), width
+        else:  # yes/no per output
+            predicted, truth, cells = (outputs > self.threshold).reshape(-1).long(), targets.reshape(-1), 2
+            if self.total.dim() == 3:  # label l's own 2 x 2 cells start at 4 l
+                labels = torch.arange(width, device=outputs.device).view(1, -1, *[1] * (outputs.dim() - 2))
+                predicted = predicted + 4 * labels.expand(outputs.shape).reshape(-1)
+        counted = None if self.ignore_index is None else truth != self.ignore_index
+        if not multiclass:
+            truth = (truth > 0.5).long()
+        elif counted is not None:
+            truth = truth * counted  # an ignored position's cell gets a weight of 0 below
+        index = torch.add(predicted, truth, alpha=cells)
+        if counted is not None:
+            self.total.view(-1).index_add_(0, index, counted.long())
+            return
+        if len(self.units) < len(index):
+            self.units = torch.ones(len(index), dtype=torch.int64, device=index.device)
+        self.total.view(-1).index_add_(0, index, self.units[: len(index)])
 
     def finalize(self, total: Any, count: float) -> float | dict[str, float]:
-        matrix = np.asarray(total, dtype=np.float64).reshape(self.total.shape)
+        owner = self.source or self
+        matrix = np.asarray(total, dtype=np.float64).reshape(owner.total.shape)
         return class_count_value(matrix, self.kind, self.average)
+
+
+def share_counts(metrics: Sequence[Metric | ExternalMetric], groups: Sequence[Any]) -> None:
+    """Let the counting metrics of one head (``groups`` holds each metric's head) read one
+    confusion matrix: ``f1``, ``precision``, ``recall`` and the rest cost one update per step
+    together, and so does plain ``accuracy`` beside them (read from the same matrix, where the
+    two count the same positions). Replaces such an ``Accuracy`` in ``metrics`` in place."""
+    sources: dict[Any, ClassCounts] = {}
+    for metric, group in zip(metrics, groups, strict=True):
+        if type(metric) is ClassCounts:
+            source = sources.setdefault(
+                (group, metric.width, metric.mode, metric.threshold, metric.ignore_index), metric
+            )
+            metric.source = None if source is metric else source
+    for index, (metric, group) in enumerate(zip(metrics, groups, strict=True)):
+        shared = next((counts for key, counts in sources.items() if key[0] == group), None)
+        if type(metric) is not Accuracy or shared is None:
+            continue
+        # The same positions, read the same way: the mode and threshold, and the ignored label
+        # (which Accuracy applies to class indices only).
+        same = (shared.mode, shared.threshold) == (metric.mode, metric.threshold)
+        ignored_alike = metric.ignore_index == shared.ignore_index and (
+            metric.ignore_index is None or shared._is_multiclass(shared.width or 1)
+        )
+        if same and ignored_alike:
+            reader = ClassCounts("accuracy", width=shared.width, mode=shared.mode, threshold=shared.threshold,
+                                 ignore_index=shared.ignore_index)  # fmt: skip
+            reader.source = shared
+            cast(list[Metric | ExternalMetric], metrics)[index] = reader
 
 
 def class_count_value(matrix: np.ndarray, kind: str, average: Average | None) -> float | dict[str, float]:
@@ -287,6 +330,9 @@ def class_count_value(matrix: np.ndarray, kind: str, average: Average | None) ->
         tp = np.diag(matrix)
         support, predicted = matrix.sum(1), matrix.sum(0)
         fp, fn, present = predicted - tp, support - tp, (support + predicted) > 0
+    if kind == "accuracy":  # every correct position over every position (each label's, for labels)
+        correct = np.trace(matrix, axis1=-2, axis2=-1).sum()
+        return float(correct / matrix.sum()) if matrix.sum() else math.nan
     if kind == "balanced_accuracy":
         if labels:
             raise config_error(
@@ -665,6 +711,8 @@ def check_metric(metric: Metric | ExternalMetric, outputs: Any, targets: Any, na
     """
     name = name or metric_name(metric)
     probe = copy.deepcopy(metric)
+    if isinstance(probe, ClassCounts) and probe.source is not None:
+        probe = probe.source  # (a copy of) the matrix it reads: what the check must run
     device = next(iter(tensors_of(outputs)), torch.zeros(())).device
     try:
         if isinstance(probe, FunctionMetric):
@@ -728,6 +776,8 @@ class Tally:
         named_keys: Sequence[str] = (),
     ) -> None:
         self.slots = [slot if isinstance(slot, MetricSlot) else MetricSlot(metric_name(slot), slot) for slot in metrics]
+        # A counting metric that reads another's matrix is never updated itself: skipped per step.
+        self.updated = [slot for slot in self.slots if getattr(slot.metric, "source", None) is None]
         self.builtin = [(slot.name, slot.metric) for slot in self.slots if isinstance(slot.metric, Metric)]
         self.external = [(slot.name, slot.metric) for slot in self.slots if not isinstance(slot.metric, Metric)]
         self.has_loss = has_loss
@@ -783,9 +833,9 @@ class Tally:
             if name not in self.named:
                 self.named[name] = torch.zeros_like(self.loss_total)
             self.named[name].add_(value.detach().reshape(()), alpha=size)
-        if targets is None or not self.slots:
+        if targets is None or not self.updated:
             return
-        for slot in self.slots:
+        for slot in self.updated:
             predicted, expected = (outputs, targets) if slot.route is None else slot.route(outputs, targets)
             if isinstance(predicted, torch.Tensor):
                 slot.metric.update(predicted.detach(), expected)
@@ -841,12 +891,16 @@ class Tally:
         for name, total in zip(self.named, totals[len(sums) - len(named) :], strict=True):
             logs[name] = total / samples if samples else math.nan
         results: dict[str, Any] = {}
+        pieces: dict[int, Any] = {}
         start = 1
-        for (name, metric), count in zip(self.builtin, counted, strict=True):  # each metric's sums, in order
+        for _, metric in self.builtin:  # each metric's sums, in order
             size = metric.total.numel()
             piece = totals[start : start + size]
-            results[name] = metric.finalize(piece[0] if metric.total.dim() == 0 else piece, count)
+            pieces[id(metric)] = piece[0] if metric.total.dim() == 0 else piece
             start += size
+        for (name, metric), count in zip(self.builtin, counted, strict=True):
+            source = getattr(metric, "source", None)  # a counting metric reading another's matrix
+            results[name] = metric.finalize(pieces[id(source or metric)], count)
         for name, external in self.external:
             results[name] = external_value(external.compute())
         for slot in self.slots:

@@ -27,6 +27,7 @@ from trainwell.metrics import (
     Route,
     metric_name,
     resolve_metric,
+    share_counts,
 )
 from trainwell.outputs import WHOLE, OutputChoice, Selector, find_entry, outline, own_loss, resolve_output
 
@@ -580,7 +581,11 @@ def resolve_metrics(metrics: Metrics, objective: Objective | None, options: Loss
     Raises:
         ConfigError: An unknown metric, or two metrics with one log key.
     """
-    slots = [_slot(prefix, metric, head, objective) for prefix, head, metric in _placed(metrics, objective, options)]
+    placed = _placed(metrics, objective, options)
+    slots = [_slot(prefix, metric, head, objective) for prefix, head, metric in placed]
+    resolved = [slot.metric for slot in slots]
+    share_counts(resolved, [head for _, head, _ in placed])  # one confusion matrix per head
+    slots = [slot._replace(metric=metric) for slot, metric in zip(slots, resolved, strict=True)]
     names = [slot.name for slot in slots]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     losses = set(options.loss_keys if options is not None else ["loss"])
