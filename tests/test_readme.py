@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -21,6 +22,24 @@ def test_quick_start_runs_as_written(tmp_path: Path) -> None:
     accuracy = float(re.search(r"'accuracy': ([\d.]+)", result.stdout).group(1))  # type: ignore[union-attr]
     assert accuracy > 0.9
     assert result.stdout.count("samples/s") == 10  # one summary line per epoch in a non-terminal
+
+
+def test_the_evaluation_example_runs_and_prints_the_report_shown(tmp_path: Path) -> None:
+    text = README.read_text()
+    found = re.search(r"## Evaluation\n\n.*?```python\n(.*?)```\n\n```text\n(.*?)```", text, re.DOTALL)
+    assert found is not None
+    code, printed = found.groups()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # The README shows the report as it prints; the loss's third decimal may vary with the CPU's
+    # float kernels, the counts and what follows from them may not.
+    shown, got = (
+        [line for line in text.splitlines() if not line.startswith("loss ")] for text in (printed, result.stdout)
+    )
+    assert got == shown
+    assert result.stderr == ""
+    assert (tmp_path / "report.json").is_file() and (tmp_path / "confusion.png").is_file()
 
 
 def test_import_does_not_pull_in_heavy_optional_modules() -> None:

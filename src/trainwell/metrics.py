@@ -10,6 +10,7 @@ import copy
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Protocol, cast, runtime_checkable
 
@@ -725,7 +726,9 @@ def check_metric(metric: Metric | ExternalMetric, outputs: Any, targets: Any, na
         else:
             _reset_external(probe, device)
             probe.update(outputs, targets)
-            result = probe.compute()
+            with warnings.catch_warnings():  # a few probe samples: "no positive samples" is expected
+                warnings.simplefilter("ignore")
+                result = probe.compute()
     except Exception as error:
         raise config_error(
             f"Metric {name!r} raised {type(error).__name__} on a probe batch: {error}",
