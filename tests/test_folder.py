@@ -264,3 +264,27 @@ def test_a_real_full_disk_keeps_the_previous_checkpoint_leaves_no_orphan_and_res
     (small_disk / "filler").unlink()
     resumed = fit_with(directory, model=make_mlp(hidden=4096), epochs=4, resume=True)
     assert resumed["loss"] == pytest.approx(golden["loss"], rel=1e-6)
+
+
+def test_the_librarys_own_writers_never_write_through_a_planted_link(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the pictures need the plot extra")
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    x, y = blobs()
+    history = tw.fit(make_mlp(), (x, y), loss="cross_entropy", progress=False)
+    report = tw.classification_report(make_mlp(), (x, y), loss="cross_entropy")
+    writers = {
+        "history.csv": history.to_csv,
+        "curves.png": history.plot,
+        "report.json": report.to_json,
+        "matrix.png": report.plot_confusion_matrix,
+    }
+    for name, write in writers.items():
+        (tmp_path / name).symlink_to(victim)
+        write(tmp_path / name)
+        assert not (tmp_path / name).is_symlink() and (tmp_path / name).stat().st_size > 0, name
+    log = tmp_path / "log.csv"
+    log.symlink_to(victim)
+    with pytest.raises(tw.ConfigError, match="CSVLogger does not write through a symbolic link"):
+        tw.fit(make_mlp(), (x, y), loss="cross_entropy", callbacks=[tw.CSVLogger(log)], progress=False)
+    assert victim.read_text() == "precious"

@@ -27,8 +27,9 @@ import torch
 from trainwell import distributed
 from trainwell.callbacks import Callback
 from trainwell.errors import ConfigError, DataError, TrainingInterrupted, TrainwellError, config_error, warn
+from trainwell.files import atomic_write
 from trainwell.run import Run
-from trainwell.weights import atomic_write, clean_state_dict, safe_load, weights_on_cpu
+from trainwell.weights import clean_state_dict, safe_load, weights_on_cpu
 
 FORMAT_VERSION = 2  # 2: the state is keyed by stateful object (model, optimizer, ..., position)
 MANIFEST = "manifest.json"

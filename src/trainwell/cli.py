@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Sequence
@@ -34,8 +33,9 @@ from torch import nn
 import trainwell
 from trainwell.datasets import BUNDLED, Scaler, Table, load_table, read_features, split
 from trainwell.errors import TrainwellError, config_error, data_error, format_message
+from trainwell.files import atomic_write
 from trainwell.report import Report
-from trainwell.weights import atomic_save, atomic_write, load_weights
+from trainwell.weights import atomic_save, load_weights
 
 MODEL_FILE, SPEC_FILE, CONFIG_FILE = "model.pt", "model.json", "config.toml"
 # Far past any model for a table, far below what would exhaust memory: a run folder's model.json
@@ -592,29 +592,23 @@ def _write_run(
     table: Table,
 ) -> None:
     _save(folder / CONFIG_FILE, _config_text(options))
-    _save(folder / "history.csv", history.to_csv)
+    history.to_csv(folder / "history.csv")
     _save(folder / SPEC_FILE, json.dumps(spec, indent=1))
     atomic_save({key: value.cpu() for key, value in model.state_dict().items()}, folder / MODEL_FILE)
     report: Report | None = results.get("report")
     summary = {key: value for key, value in results.items() if key != "report"}
     summary |= {} if report is None else report.to_dict()  # per_class, confusion_matrix, overall, curves
     _save(folder / "metrics.json", json.dumps({"test": summary, "epochs": history.epochs}, indent=1))
-    _save(folder / "curves.png", history.plot)
+    history.plot(folder / "curves.png")
     if report is not None:
-        _save(folder / "confusion_matrix.png", report.plot_confusion_matrix)
+        report.plot_confusion_matrix(folder / "confusion_matrix.png")
 
 
-def _save(path: Path, content: str | Callable[[Path], object]) -> None:
-    """Write one file of a run: UTF-8 text, or what ``content(a_path)`` writes (History.to_csv,
-    the plots: writers that only take a path do so in a new private folder first). Written by
-    weights.atomic_write (a temporary file, then os.replace), so a file planted as a symbolic
-    link is replaced, never written through, and a crash leaves the old file or the new one."""
-    if isinstance(content, str):
-        atomic_write(content.encode("utf-8"), path)
-        return
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent) as scratch:
-        content(Path(scratch) / path.name)
-        atomic_write((Path(scratch) / path.name).read_bytes(), path)
+def _save(path: Path, content: str) -> None:
+    """Write one text file of a run (UTF-8) atomically: a file planted there as a symbolic link is
+    replaced, never written through, and a crash leaves the old file or the new one. (The
+    History's CSV and the pictures are written the same way by trainwell itself.)"""
+    atomic_write(content.encode("utf-8"), path)
 
 
 def load_run(run_dir: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:

@@ -6,11 +6,13 @@ Owns: storing epoch logs and exporting them (dict, CSV). Must not compute or pri
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainwell.files import atomic_write
 from trainwell.plots import plot_history
 
 if TYPE_CHECKING:
@@ -99,13 +101,12 @@ class History(Mapping[str, list[float]]):
 
     def to_csv(self, path: str | Path) -> Path:
         """Write one row per epoch (1-based ``epoch`` column first). Returns the path."""
-        path = Path(path)
-        with path.open("w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(["epoch", *self._logs])
-            for epoch in range(self.epochs):
-                writer.writerow([epoch + 1, *(_cell(values, epoch) for values in self._logs.values())])
-        return path
+        rows = io.StringIO()
+        writer = csv.writer(rows)
+        writer.writerow(["epoch", *self._logs])
+        for epoch in range(self.epochs):
+            writer.writerow([epoch + 1, *(_cell(values, epoch) for values in self._logs.values())])
+        return atomic_write(rows.getvalue().encode(), path)
 
     def plot(self, path: str | Path | None = None) -> Figure:
         """Draw the curves: one panel per quantity, training and validation per epoch (the

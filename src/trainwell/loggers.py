@@ -6,14 +6,16 @@ Owns: those files (written by the main process only). Must not change training.
 from __future__ import annotations
 
 import csv
+import errno
 import io
+import os
 from pathlib import Path
 from typing import IO, Any
 
 from trainwell.callbacks import Callback
 from trainwell.errors import config_error
+from trainwell.files import atomic_write
 from trainwell.run import Run
-from trainwell.weights import atomic_write
 
 
 class CSVLogger(Callback):
@@ -64,7 +66,16 @@ class CSVLogger(Callback):
             csv.writer(kept).writerows(lines)
             atomic_write(kept.getvalue().encode(), self.path)
         self.columns, self.rows = (lines[0], len(lines) - 1) if lines else ([], 0)
-        self.file = self.path.open("a" if lines else "w", newline="")
+        try:
+            self.file = open(self.path, "a" if lines else "w", newline="", opener=_without_following)  # noqa: SIM115
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                raise
+            raise config_error(
+                "CSVLogger does not write through a symbolic link.",
+                f"{self.path} is a link to {os.readlink(self.path)}",
+                "pass the path of the file itself, or remove the link.",
+            ) from None
         self.writer = csv.writer(self.file)
 
     def on_epoch_end(self, run: Run) -> None:
@@ -85,6 +96,11 @@ class CSVLogger(Callback):
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def _without_following(path: str, flags: int) -> int:
+    """Open ``path`` unless it is a symbolic link (trainwell never writes through one)."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
 
 
 class TensorBoard(Callback):

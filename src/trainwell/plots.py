@@ -7,6 +7,7 @@ no display and in threads.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,9 +16,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from trainwell.errors import config_error, data_error, describe
+from trainwell.files import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+
+def _saved(figure: Figure, path: str | Path | None) -> Figure:
+    """``figure``, also written to ``path`` when given (its suffix picks the format), atomically."""
+    if path is not None:
+        picture = io.BytesIO()
+        figure.savefig(picture, format=Path(path).suffix.lstrip(".") or "png", dpi=110)
+        atomic_write(picture.getvalue(), path)
+    return figure
 
 
 def _new_figure(**options: Any) -> Figure:
@@ -64,9 +75,7 @@ def plot_history(logs: Mapping[str, Sequence[float]], path: str | Path | None = 
         axis.legend()
     for axis in axes[len(names) :]:
         axis.set_visible(False)
-    if path is not None:
-        figure.savefig(path, dpi=110)
-    return figure
+    return _saved(figure, path)
 
 
 def plot_confusion_matrix(
@@ -114,9 +123,7 @@ def plot_matrix(
                 count = int(matrix[row, column])
                 color = "white" if count > threshold else "black"
                 axis.text(column, row, str(count), ha="center", va="center", color=color, fontsize=8)
-    if path is not None:
-        figure.savefig(path, dpi=110)
-    return figure
+    return _saved(figure, path)
 
 
 def confusion_matrix(
@@ -155,9 +162,7 @@ def plot_curve(
     axis.set_ylabel(labels[1])
     axis.set_title(title)
     axis.grid(alpha=0.3)
-    if path is not None:
-        figure.savefig(path, dpi=110)
-    return figure
+    return _saved(figure, path)
 
 
 def plot_lr_finder(
@@ -173,6 +178,4 @@ def plot_lr_finder(
     axis.set_ylabel("loss (smoothed)")
     axis.grid(alpha=0.3, which="both")
     axis.legend()
-    if path is not None:
-        figure.savefig(path, dpi=110)
-    return figure
+    return _saved(figure, path)

@@ -18,6 +18,7 @@ import torch
 
 from trainwell.api import evaluate
 from trainwell.errors import config_error, data_error, describe
+from trainwell.files import atomic_write
 from trainwell.losses import binary_threshold, resolve_loss
 from trainwell.metrics import class_count_value
 from trainwell.plots import plot_curve, plot_matrix
@@ -148,7 +149,7 @@ class Report:
         """The report as JSON text, also written to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=1)
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write(text.encode(), path)
         return text
 
     def plot_confusion_matrix(self, path: str | Path | None = None) -> Figure:

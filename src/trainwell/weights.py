@@ -8,9 +8,7 @@ runs no code), and removing wrapper prefixes (``module.``, ``_orig_mod.``) from 
 from __future__ import annotations
 
 import io
-import os
 import pickle
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from torch import nn
 
 from trainwell.callbacks import Callback, Mode, Monitor
 from trainwell.errors import check_count, config_error, data_error
+from trainwell.files import atomic_write
 from trainwell.run import Run
 
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -50,38 +49,6 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return atomic_write(buffer.getvalue(), path)
-
-
-def atomic_write(data: bytes, path: str | Path) -> Path:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
-
-    Writes a temporary file in the same folder, fsyncs it, renames it over ``path`` and fsyncs
-    the folder. On failure the temporary file is removed and the old file is untouched.
-
-    Raises:
-        OSError: The write failed (disk full, no permission); the message names the path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise OSError(error.errno, f"could not write {path}: {error.strerror}") from error
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-    return path
 
 
 def save_weights(model: nn.Module, path: str | Path) -> Path:
