@@ -35,7 +35,7 @@ def test_the_evaluation_example_runs_and_prints_the_report_shown(tmp_path: Path)
     # The README shows the report as it prints; the loss's third decimal may vary with the CPU's
     # float kernels, the counts and what follows from them may not.
     shown, got = (
-        [line for line in text.splitlines() if not line.startswith("loss ")] for text in (printed, result.stdout)
+        [line for line in output.splitlines() if not line.startswith("loss ")] for output in (printed, result.stdout)
     )
     assert got == shown
     assert result.stderr == ""
