@@ -248,3 +248,18 @@ def test_accuracy_beside_counting_metrics_reads_their_matrix_and_equals_accuracy
     alone = tw.evaluate(Fixed(scores), data, loss=loss, metrics=["accuracy"], batch_size=16)
     shared = tw.evaluate(Fixed(scores), data, loss=loss, metrics=["accuracy", "f1_macro", "precision"], batch_size=16)
     assert shared["accuracy"] == pytest.approx(alone["accuracy"], abs=1e-12)
+
+
+def test_a_metrics_dict_names_the_metrics_of_a_model_that_returns_one_tensor() -> None:
+    pytest.importorskip("torchmetrics", reason="a torchmetrics object is the case the name is for")
+    from torchmetrics.classification import MulticlassF1Score
+
+    x, y = torch.randn(80, 3), torch.arange(80) % 3
+    named = {"my_f1": MulticlassF1Score(num_classes=3, average="macro"), "mine": "f1_macro", "hits": "accuracy"}
+    values = tw.evaluate(nn.Linear(3, 3), (x, y), loss="cross_entropy", metrics=named)
+    assert sorted(values) == ["hits", "loss", "mine", "my_f1"]
+    assert values["my_f1"] == pytest.approx(values["mine"], abs=1e-6)  # torchmetrics and trainwell agree
+    stopper = tw.EarlyStopping(monitor="val_mine", patience=1, mode="max")  # a name of one's own: say the direction
+    history = tw.fit(nn.Linear(3, 3), (x, y), loss="cross_entropy", metrics=named, val_split=0.25, epochs=2,
+                     callbacks=[stopper], progress=False)  # fmt: skip
+    assert {"my_f1", "val_my_f1", "mine", "val_mine"} <= set(history) and stopper.tracker.mode == "max"

@@ -362,6 +362,8 @@ class FitOptions:
         )  # fmt: skip
         slots = resolve_metrics(self.metrics, None, loss_options)
         names = [*(loss_options.loss_keys if loss_options is not None else []), *(slot.name for slot in slots)]
+        if isinstance(self.metrics, Mapping):  # its keys name the metrics of a model returning one tensor
+            names += [str(key) for key in self.metrics]
         several = [several_values_prefix(slot) for slot in slots]  # their keys are known once they ran
         clash = next((name for name in names if name in TIME_KEYS), None)
         if clash is not None:

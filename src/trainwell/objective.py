@@ -24,6 +24,7 @@ from trainwell.metrics import (
     FunctionMetric,
     Metric,
     MetricSlot,
+    Ranking,
     Route,
     metric_name,
     resolve_metric,
@@ -277,6 +278,8 @@ class Objective:
             carry ignored labels.
         items_per_sample: Counted items per sample in the probe batch (sizes the gradient scale).
         notes: What was chosen, when it is not obvious (shown once).
+        metric_names: The keys of a ``metrics`` dict name the metrics, not output heads: the
+            model returns one tensor, which has no entries to name.
     """
 
     heads: tuple[Head, ...]
@@ -285,6 +288,7 @@ class Objective:
     counts_items: bool = False
     items_per_sample: float = 1.0
     notes: list[str] = field(default_factory=list)
+    metric_names: bool = False
     _direct: LossFn | None = field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -383,6 +387,13 @@ def build_objective(
             a missing own loss, sample weights with per-item averaging.
     """
     notes: list[str] = []
+    # A model that returns one tensor has no entries for a metrics dict's keys to name: they
+    # name the metrics (metrics={"my_f1": MulticlassF1Score(3)}).
+    metric_names = isinstance(outputs, torch.Tensor) and any(
+        option.key is not None and option.spec is None for option in options.heads
+    )
+    if metric_names:
+        options = replace(options, heads=tuple(head for head in options.heads if head.key is None or head.spec))
     heads = tuple(
         _single_head(options, outputs, targets, notes) if option.key is None else _keyed_head(option, outputs, targets)
         for option in options.heads
@@ -403,7 +414,8 @@ def build_objective(
     if counted is not None:
         ignore_index, per_sample = counted
         objective = Objective(heads, has_own, ignore_index, True, max(per_sample, 1e-6), notes)
-    objective = replace(objective, heads=tuple(replace(head, width=_width(head, outputs, targets)) for head in heads))
+    widths = tuple(replace(head, width=_width(head, outputs, targets)) for head in heads)
+    objective = replace(objective, heads=widths, metric_names=metric_names)
     return with_sample_weights(objective) if has_weights else objective
 
 
@@ -601,11 +613,16 @@ def resolve_metrics(metrics: Metrics, objective: Objective | None, options: Loss
 def _placed(
     metrics: Metrics, objective: Objective | None, options: LossOptions | None
 ) -> list[tuple[str, str | None, MetricArg]]:
-    """(key prefix, head name or None for the prediction, metric) for each metric."""
+    """(key prefix, head name or None for the prediction, metric) for each metric; a prefix
+    without a closing ``_`` is the metric's whole name (a metrics dict's key naming it)."""
     placed: list[tuple[str, str | None, MetricArg]] = []
     if isinstance(metrics, Mapping):
+        names = objective is not None and objective.metric_names  # the keys name the metrics
         for key, entry in metrics.items():
-            placed += [(f"{head_name(key)}_", head_name(key), metric) for metric in _listed(entry)]
+            if names and len(_listed(entry)) == 1:
+                placed.append((str(key), None, _listed(entry)[0]))  # the key is the whole name
+                continue
+            placed += [(f"{head_name(key)}_", None if names else head_name(key), metric) for metric in _listed(entry)]
         return placed
     listed = _listed(metrics)
     heads = [head.name for head in options.heads] if options is not None else [""]
@@ -632,12 +649,16 @@ def _slot(prefix: str, metric: MetricArg, head_name_: str | None, objective: Obj
     if spec is not None and spec.task in ("multiclass", "binary"):
         mode = "binary" if spec.task == "binary" else "multiclass"
     ignore_index = objective.ignore_index if objective is not None and objective.counts_items else None
+    named = bool(prefix) and not prefix.endswith("_")  # a metrics dict's key, naming the metric
     if isinstance(metric, Structured):
-        return MetricSlot(prefix + metric.__name__, FunctionMetric(metric.fn, metric.__name__), None)
+        name = prefix if named else prefix + metric.__name__
+        return MetricSlot(name, FunctionMetric(metric.fn, name if named else metric.__name__), None)
     width = head.width if head is not None else None
     resolved = resolve_metric(metric, threshold=threshold, mode=mode, ignore_index=ignore_index, width=width)
+    if named and isinstance(resolved, (Metric, Ranking)):
+        resolved.name = prefix  # in its messages, and a function's dict keys are its own
     route = None if head is None or objective is None else objective.route(head)
-    return MetricSlot(prefix + metric_name(resolved), resolved, route)
+    return MetricSlot(prefix if named else prefix + metric_name(resolved), resolved, route)
 
 
 def plain_objective(options: LossOptions) -> Objective:
