@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import trainwell as tw
-from trainwell import weights as checkpoint_module
+from trainwell import files as checkpoint_module
 from trainwell.checkpoints import FORMAT_VERSION, KEEP, MANIFEST
 from trainwell.history import TIME_KEYS
 
@@ -148,7 +148,7 @@ def test_kill_between_the_temporary_write_and_the_rename(script: Path, golden: d
     prelude = textwrap.dedent(
         """
         import os, signal
-        import trainwell.weights as target
+        import trainwell.files as target
         calls = {"count": 0}
         original = os.replace
         def replace_then_die(source, destination):
@@ -166,6 +166,7 @@ def test_kill_between_the_temporary_write_and_the_rename(script: Path, golden: d
     finished = run_script(script, directory, result)
     assert finished.returncode == 0, finished.stderr
     assert_identical(result, golden["tensors"])
+    assert not list(directory.glob(".*.tmp"))  # the resumed run, holding the folder, removed it
 
 
 @pytest.mark.parametrize("damage", ["truncate", "zero", "flip"])

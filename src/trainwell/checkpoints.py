@@ -47,7 +47,7 @@ def check_writable(directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".trainwell-write-test-{os.getpid()}"  # one per process: ranks check at once
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)  # rank 0, tidying the folder it locked, may have removed it
     except OSError as error:
         raise config_error(
             "The checkpoint folder is not writable.",
@@ -320,7 +320,7 @@ def read_manifest(directory: Path) -> list[dict[str, Any]] | None:
         return None
     try:
         content = json.loads(manifest.read_text())
-        found = content.get("format", 1)  # format 1 manifests carried it too; absent means damaged or older
+        found = content["format"]  # every trainwell manifest has one: without it, it is damaged
         if found != FORMAT_VERSION:
             raise _other_format(manifest, found)
         entries = content["checkpoints"]

@@ -174,7 +174,13 @@ def from_main(decide: Callable[[], Decided], rank: int, world_size: int) -> Deci
         try:
             value = decide()
         except Exception as error:
-            shared = error if isinstance(error, TrainwellError) else config_error(str(error), "on rank 0", "see rank 0")
+            shared = error
+            if not isinstance(error, TrainwellError):  # what every process can unpickle and raise
+                shared = config_error(
+                    f"Rank 0 stopped before training: {type(error).__name__}: {error}",
+                    "the checkpoint folder or the checkpoint rank 0 read",
+                    "see rank 0's error, fix it, and start the job again.",
+                )
             distributed.broadcast((False, shared))
             raise
         distributed.broadcast((True, value))
@@ -225,13 +231,13 @@ def _choose(resume: bool | str | Path, directory: Path | None) -> tuple[dict[str
     """Rank 0's choice (None: start afresh)."""
     if resume is False:
         if directory is not None:
-            _refuse_used(directory)
+            _refuse_used(directory, resume)
         return None
     own = resume is True or resume == "auto"
     source = directory if resume is True or resume == "auto" else Path(resume)
     assert source is not None  # checked with the options
     if directory is not None and not own and directory.resolve() not in (source.resolve(), source.resolve().parent):
-        _refuse_used(directory)  # continuing another folder's run here would overwrite this one's
+        _refuse_used(directory, resume)  # continuing another folder's run here would overwrite this one's
     found = load_checkpoint(source, owner=own) if source.exists() else None
     if found is None and resume != "auto":
         raise config_error(
@@ -242,13 +248,13 @@ def _choose(resume: bool | str | Path, directory: Path | None) -> tuple[dict[str
     return found
 
 
-def _refuse_used(directory: Path) -> None:
+def _refuse_used(directory: Path, resume: bool | str | Path) -> None:
     """A fit that starts afresh in a folder holding a run's checkpoints would delete them."""
     files = checkpoint_files(directory) if directory.is_dir() else []
     if files:
         raise config_error(
             "The checkpoint folder already holds the checkpoints of a run; starting afresh there would delete them.",
-            f"checkpoint_dir={str(directory)!r} holds {files[0].name}, resume=False",
+            f"checkpoint_dir={str(directory)!r} holds {files[0].name}, resume={resume!r}",
             "pass resume=True (or 'auto') to continue that run, or another checkpoint_dir to start afresh "
             "(or remove those files yourself).",
         )
