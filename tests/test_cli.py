@@ -10,11 +10,14 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 from sklearn.datasets import load_iris
+
+from trainwell.cli import main
 
 pytestmark = pytest.mark.slow  # real subprocesses: `pytest -m "not slow"` leaves them out
 
@@ -225,3 +228,23 @@ def test_sigterm_keeps_the_partial_run_and_resume_finishes_it_identically(tmp_pa
     assert not (run / "checkpoints").exists() and not (tmp_path / ".run.partial").exists()
     again = trainwell("train", "--out", run, "--resume")
     assert again.returncode == 0 and "Nothing to resume" in again.stdout
+
+
+def test_in_a_terminal_the_test_results_are_the_reports_not_an_evaluation_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Terminal:  # stdout as a terminal: where evaluate and predict would show their own lines
+        def __init__(self, stream: Any) -> None:
+            self.stream = stream
+
+        def isatty(self) -> bool:
+            return True
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.stream, name)
+
+    monkeypatch.setattr(sys, "stdout", Terminal(sys.stdout))
+    assert main(["train", "--data", "iris", "--epochs", "2", "--seed", "0", "--out", str(tmp_path / "run")]) == 0
+    output = capsys.readouterr().out
+    assert "Evaluate " not in output and "Predict " not in output
+    assert "macro avg" in output and "Confusion matrix (rows: true class, columns: predicted)" in output

@@ -552,8 +552,10 @@ def _score(model: nn.Module, table: Table, spec: dict[str, Any], metrics: list[s
     features = _standardised(table.features, spec)
     targets = _targets(table, spec)
     results: dict[str, Any] = {"samples": len(targets)}
-    results |= trainwell.evaluate(model, (features, targets), loss=spec["loss"], metrics=metrics, device=device)
-    outputs = trainwell.predict(model, features, device=device)
+    # The command prints the results itself: no evaluation or prediction line of their own.
+    results |= trainwell.evaluate(model, (features, targets), loss=spec["loss"], metrics=metrics, device=device,
+                                  progress=False)  # fmt: skip
+    outputs = trainwell.predict(model, features, device=device, progress=False)
     if spec["task"] == "classification" and outputs is not None:  # None on ranks other than 0 under torchrun
         report = Report.from_predictions(outputs, torch.from_numpy(table.targets), class_names=spec["class_names"],
                                          threshold=_threshold(spec))  # fmt: skip
