@@ -35,11 +35,9 @@ class Fixed(nn.Module):
         return self.scores[index.long().reshape(-1)]
 
 
-def reference(kind: str, average: str | None, truth: np.ndarray, predicted: np.ndarray, labels: bool) -> Any:
+def reference(kind: str, average: str | None, truth: np.ndarray, predicted: np.ndarray, binary: bool) -> Any:
     """scikit-learn's value, with trainwell's default average (binary for one output, else macro)."""
-    average = average or ("macro" if labels or len(np.unique(np.concatenate([truth, predicted]))) > 2 else "binary")
-    if average == "binary" and not labels and not set(np.unique(np.concatenate([truth, predicted]))) <= {0, 1}:
-        average = "macro"
+    average = average or ("binary" if binary else "macro")
     sk_average = None if average == "per_class" else average
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -58,10 +56,12 @@ def names_for(labels: bool) -> list[str]:
     return names if labels else [*names, "balanced_accuracy"]
 
 
-def check(results: dict[str, float], truth: np.ndarray, predicted: np.ndarray, labels: bool, width: int) -> None:
+def check(
+    results: dict[str, float], truth: np.ndarray, predicted: np.ndarray, labels: bool, width: int, binary: bool = False
+) -> None:
     for name in names_for(labels):
         kind, _, average = name.partition("_") if name != "balanced_accuracy" else (name, "", "")
-        expected = reference(kind, average or None, truth, predicted, labels)
+        expected = reference(kind, average or None, truth, predicted, binary)
         if average == "per_class":  # every class of the outputs, absent ones 0 (scikit-learn lists present ones)
             present = np.unique(np.concatenate([truth, predicted])) if not labels else np.arange(width)
             got = {int(key.rsplit("_", 1)[1]): value for key, value in results.items() if key.startswith(f"{kind}_")
@@ -101,7 +101,7 @@ def test_binary_values_equal_scikit_learn(seed: int) -> None:
     results = tw.evaluate(Fixed(scores), (torch.arange(samples), torch.tensor(truth, dtype=torch.float32)[:, None]),
                           loss="bce_with_logits", metrics=names_for(False), batch_size=int(rng.integers(1, 40)))  # fmt: skip
     predicted = (scores[:, 0] > 0).long().numpy()
-    check(results, truth, predicted, labels=False, width=2)
+    check(results, truth, predicted, labels=False, width=2, binary=True)
 
 
 @pytest.mark.parametrize("seed", range(16))
@@ -263,3 +263,44 @@ def test_a_metrics_dict_names_the_metrics_of_a_model_that_returns_one_tensor() -
     history = tw.fit(nn.Linear(3, 3), (x, y), loss="cross_entropy", metrics=named, val_split=0.25, epochs=2,
                      callbacks=[stopper], progress=False)  # fmt: skip
     assert {"my_f1", "val_my_f1", "mine", "val_mine"} <= set(history) and stopper.tracker.mode == "max"
+
+
+def test_review_fixes_dict_metric_clash_ranking_scales_and_a_shifted_language_model() -> None:
+    # A metric function's dict may not take another value's name (it replaced the loss).
+    def clash(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": outputs.mean()}
+
+    x, y = torch.randn(40, 3), torch.arange(40) % 3
+    with pytest.raises(tw.ConfigError, match="logs 'loss', which is already another value's name"):
+        tw.evaluate(nn.Linear(3, 3), (x, y), loss="cross_entropy", metrics=[clash])
+    # Logits of a last batch that all fall in [0, 1] are read on the same scale as the others.
+    pytest.importorskip("torchmetrics", reason="auroc needs the metrics extra")
+    scores = torch.tensor([[-3.0], [2.0], [-1.0], [4.0], [0.2], [0.9]])
+    truth = torch.tensor([[0.0], [1.0], [0.0], [1.0], [1.0], [0.0]])
+    values = tw.evaluate(Fixed(scores), (torch.arange(6), truth), loss="bce_with_logits", metrics=["auroc"],
+                         batch_size=4)  # fmt: skip
+    assert values["auroc"] == pytest.approx(sk.roc_auc_score(truth[:, 0].numpy(), scores[:, 0].numpy()), abs=1e-6)
+
+
+class ShiftedLM(nn.Module):
+    """A causal language model computing its own loss, position t against label t + 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(11, 11)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.embed(input_ids)
+        result = {"logits": logits}
+        if labels is not None:
+            result["loss"] = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return result
+
+
+def test_evaluate_gives_back_a_shifted_models_prediction_paired_as_its_metrics_read_it() -> None:
+    ids = torch.randint(0, 11, (24, 6), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids[start : start + 8], "labels": ids[start : start + 8]} for start in (0, 8, 16)]
+    values, outputs, targets = tw.evaluate(ShiftedLM(), batches, metrics=["accuracy"], return_outputs=True)
+    assert outputs.shape == (24, 5, 11) and torch.equal(targets, ids[:, 1:])
+    assert values["accuracy"] == pytest.approx((outputs.argmax(-1) == targets).double().mean().item(), abs=1e-12)

@@ -397,3 +397,33 @@ def test_resuming_on_another_number_of_processes_is_refused_with_the_fix(
     assert f"processes: {before} in the checkpoint, {after} now" in resumed.stdout
     assert (f"torchrun --nproc_per_node={before}" if before > 1 else "python script.py: 1 process") in resumed.stdout
     assert {path.name: path.read_bytes() for path in (tmp_path / "out" / "ck").iterdir()} == saved
+
+
+RANKING = textwrap.dedent(
+    """
+    import json, os, sys
+    import trainwell as tw
+    sys.path.insert(0, sys.argv[2])
+    from conftest import blobs, make_mlp
+
+    rank = int(os.environ.get("RANK", "0"))
+    history = tw.fit(make_mlp(), blobs(), loss="cross_entropy", metrics=["auroc", "f1_macro"], val_split=0.2,
+                     epochs=2, batch_size=8, seed=0, progress=True)
+    with open(os.path.join(sys.argv[1], f"ranking-{rank}.json"), "w") as file:
+        json.dump({key: history[key] for key in ("auroc", "val_auroc", "f1_macro")}, file)
+    """
+)
+
+
+def test_auroc_with_the_display_on_does_not_wait_for_the_other_ranks(tmp_path: Path) -> None:
+    # The display reads running values on rank 0 only; a torchmetrics value gathers from every
+    # rank, so it is computed at the epoch's end only (it hung before).
+    pytest.importorskip("torchmetrics", reason="auroc needs the metrics extra")
+    script = tmp_path / "ranking.py"
+    script.write_text(RANKING)
+    command = [TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), str(tmp_path), str(Path(__file__).parent)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    first, second = (json.loads((tmp_path / f"ranking-{rank}.json").read_text()) for rank in (0, 1))
+    assert first == second and all(0.5 < value <= 1 for value in first["val_auroc"])

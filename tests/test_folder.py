@@ -288,3 +288,33 @@ def test_the_librarys_own_writers_never_write_through_a_planted_link(tmp_path: P
     with pytest.raises(tw.ConfigError, match="CSVLogger does not write through a symbolic link"):
         tw.fit(make_mlp(), (x, y), loss="cross_entropy", callbacks=[tw.CSVLogger(log)], progress=False)
     assert victim.read_text() == "precious"
+
+
+def test_a_dict_metric_resumed_mid_epoch_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    def parts(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        predicted = outputs.argmax(1)
+        return {"hits": (predicted == targets).float().mean(), "zeros": (predicted == 0).float().mean()}
+
+    class Crash(tw.Callback):
+        def on_train_batch_end(self, run: Any) -> None:
+            if run.global_step == 3:
+                raise RuntimeError("crash")
+
+    options: dict[str, Any] = {"metrics": [parts], "batch_size": 32, "epochs": 1}
+    golden = fit_with(tmp_path / "golden", **options)
+    with pytest.raises(RuntimeError, match="crash"):
+        fit_with(tmp_path / "run", checkpoint_every=1, callbacks=[Crash()], **options)
+    resumed = fit_with(tmp_path / "run", checkpoint_every=1, resume=True, **options)
+    for key in ("loss", "hits", "zeros"):  # the same process and seed: equal up to the float sums' order
+        assert resumed[key] == pytest.approx(golden[key], rel=1e-12), key
+
+
+def test_auto_refuses_checkpoint_files_that_no_manifest_entry_lists(tmp_path: Path) -> None:
+    fit_with(tmp_path, epochs=1)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["checkpoints"] = [entry | {"file": "../elsewhere.pt"} for entry in manifest["checkpoints"]]
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))  # valid, but lists nothing of this folder
+    saved = contents(tmp_path)
+    with pytest.raises(tw.ConfigError, match="already holds the checkpoints of a run"):
+        fit_with(tmp_path, epochs=2, resume="auto")
+    assert contents(tmp_path) == saved

@@ -51,6 +51,7 @@ from trainwell.models import (
     smallest_batch,
 )
 from trainwell.objective import (
+    Head,
     HeadKey,
     LossArg,
     LossOptions,
@@ -760,14 +761,21 @@ class _Collector(Callback):
         heads = self.objective.heads if self.objective is not None else ()
         outputs, targets = run.outputs, run.batch.targets
         if len(heads) == 1:
-            outputs, targets = heads[0].output(outputs), heads[0].target(targets)
+            outputs, targets = _scored(heads[0], outputs, targets)
         elif heads:
-            outputs = {head.name: head.output(outputs) for head in heads}
-            targets = {head.name: head.target(targets) for head in heads}
+            scored = {head.name: _scored(head, outputs, targets) for head in heads}
+            outputs, targets = ({name: pair[index] for name, pair in scored.items()} for index in (0, 1))
         else:
             outputs = for_predict(outputs)
         self.outputs.append(map_tensors(outputs, torch.Tensor.detach))
         self.targets.append(map_tensors(targets, torch.Tensor.detach))
+
+
+def _scored(head: Head, outputs: Any, targets: Any) -> tuple[Any, Any]:
+    """A head's prediction and targets per sample, as its loss and metrics pair them (a causal
+    language model's own loss scores position t against label t + 1)."""
+    prediction, target = head.output(outputs), head.target(targets)
+    return (prediction[:, :-1], target[:, 1:]) if head.shift else (prediction, target)
 
 
 def _in_input_order(parts: list[Any], job: distributed.Distributed | None, all_ranks: bool = False) -> Any:

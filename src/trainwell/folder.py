@@ -88,6 +88,7 @@ class FolderLock:
                   "token": self.token}  # fmt: skip
         os.ftruncate(descriptor, 0)
         os.write(descriptor, json.dumps(holder).encode())
+        os.fsync(descriptor)  # the other machines of a job read the token (a network file system caches)
         self.descriptor = descriptor
 
     def release(self) -> None:
@@ -239,6 +240,8 @@ def _choose(resume: bool | str | Path, directory: Path | None) -> tuple[dict[str
     if directory is not None and not own and directory.resolve() not in (source.resolve(), source.resolve().parent):
         _refuse_used(directory, resume)  # continuing another folder's run here would overwrite this one's
     found = load_checkpoint(source, owner=own) if source.exists() else None
+    if found is None and directory is not None:
+        _refuse_used(directory, resume)  # checkpoint files no manifest entry lists: not to be overwritten
     if found is None and resume != "auto":
         raise config_error(
             "There is no intact checkpoint to resume from.",

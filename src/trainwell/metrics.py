@@ -282,7 +282,8 @@ class ClassCounts(Metric):
     def finalize(self, total: Any, count: float) -> float | dict[str, float]:
         owner = self.source or self
         matrix = np.asarray(total, dtype=np.float64).reshape(owner.total.shape)
-        return class_count_value(matrix, self.kind, self.average)
+        yes_no = matrix.ndim == 2 and not owner._is_multiclass(owner.width or 1)  # one output per sample
+        return class_count_value(matrix, self.kind, self.average or ("binary" if yes_no else "macro"))
 
 
 def share_counts(metrics: Sequence[Metric | ExternalMetric], groups: Sequence[Any]) -> None:
@@ -390,6 +391,8 @@ class Ranking:
         average: ``"macro"`` (default), ``"weighted"``, ``"micro"`` (labels only) or
             ``"per_class"``; one output per sample has no average.
         width, mode, ignore_index: As for ``ClassCounts``.
+        logits: The outputs are logits (the loss says so): they become probabilities here, so
+            that every batch is on one scale (torchmetrics would decide per batch).
     """
 
     def __init__(
@@ -400,6 +403,7 @@ class Ranking:
         width: int | None = None,
         mode: AccuracyMode = "auto",
         ignore_index: int | None = None,
+        logits: bool = False,
     ) -> None:
         try:
             import torchmetrics  # noqa: F401  (imported here: an optional extra)
@@ -410,15 +414,17 @@ class Ranking:
                 "pip install 'trainwell[metrics]' (or pip install torchmetrics).",
             ) from None
         self.kind, self.average, self.width, self.mode, self.ignore_index = kind, average, width, mode, ignore_index
+        self.logits = logits
         self.name = kind if average is None else f"{kind}_{average}"
-        self.metric: Any = None if width is None else self._build(width)
+        self.scores: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
 
     def _build(self, width: int) -> Any:
         from torchmetrics import classification
 
         stem = "AUROC" if self.kind == "auroc" else "AveragePrecision"
         average = None if self.average == "per_class" else (self.average or "macro")
-        if self.mode == "multiclass" or (self.mode == "auto" and width > 1):
+        if self._multiclass(width):
             return getattr(classification, f"Multiclass{stem}")(
                 num_classes=width, average=average, ignore_index=self.ignore_index
             )
@@ -428,30 +434,46 @@ class Ranking:
             )
         return getattr(classification, f"Binary{stem}")(ignore_index=self.ignore_index)
 
+    def _multiclass(self, width: int) -> bool:
+        return self.mode == "multiclass" or (self.mode == "auto" and width > 1)
+
     def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        """Keep the batch's scores and targets (on the device; no synchronisation)."""
-        if self.metric is None:
-            self.metric = self._build(outputs.shape[1] if outputs.dim() >= 2 else 1).to(outputs.device)
-        multiclass = self.mode == "multiclass" or (self.mode == "auto" and outputs.dim() >= 2 and outputs.shape[1] > 1)
+        """Keep the batch's scores and targets, on the device. torchmetrics sees them only at
+        ``compute``: its own update reads values back every batch (a host synchronisation)."""
+        width = outputs.shape[1] if outputs.dim() >= 2 else 1
+        self.width = self.width or width
+        multiclass = self._multiclass(width)
         if multiclass and targets.shape == outputs.shape and targets.is_floating_point():
             targets = targets.argmax(1)  # one-hot or class probabilities
-        if self.metric.__class__.__name__.startswith("Binary"):
+        if self.logits:
+            outputs = outputs.softmax(1) if multiclass else outputs.sigmoid()
+        if width == 1 and not multiclass:
             outputs, targets = outputs.reshape(-1), targets.reshape(-1)
-        self.metric.update(outputs, targets.long())
+        self.scores.append(outputs.detach())
+        self.labels.append(targets.detach().long())
 
     def compute(self) -> Any:
-        """The value over every score seen (gathered from every process under torchrun)."""
-        return self.metric.compute() if self.metric is not None else torch.tensor(math.nan)
+        """The value over every score seen (gathered from every process under torchrun: every
+        process computes, one that saw no batch with no scores)."""
+        if not self.scores and self.width is None:
+            return torch.tensor(math.nan)
+        width = self.width or 1
+        metric = self._build(width)
+        if self.scores:
+            metric = metric.to(self.scores[0].device)
+            metric.update(torch.cat(self.scores), torch.cat(self.labels))
+        else:  # no batch here: empty scores, so that this process still joins the gathering
+            multiclass, binary = self._multiclass(width), width == 1 and not self._multiclass(width)
+            scores, labels = (0,) if binary else (0, width), (0,) if multiclass or binary else (0, width)
+            metric.update(torch.zeros(scores), torch.zeros(labels, dtype=torch.long))
+        return metric.compute()
 
     def reset(self) -> None:
         """Forget the scores."""
-        if self.metric is not None:
-            self.metric.reset()
+        self.scores, self.labels = [], []
 
     def to(self, device: torch.device) -> Ranking:
-        """Keep the scores on ``device``."""
-        if self.metric is not None:
-            self.metric = self.metric.to(device)
+        """The scores stay where the batches are."""
         return self
 
 
@@ -529,7 +551,8 @@ class FunctionMetric(Metric):
         values = [scalar_tensor(value, device) for value in result.values()]
         if self.parts is None:
             self.parts = parts
-            self.total = torch.zeros(len(parts), dtype=self.total.dtype, device=device)
+            if self.total.dim() == 0:  # a resumed epoch's sums are already there: kept
+                self.total = torch.zeros(len(parts), dtype=self.total.dtype, device=device)
         if parts != self.parts or not parts or any(value is None for value in values):
             raise config_error(
                 f"Metric {self.name!r} must give the same named numbers for every batch.",
@@ -601,7 +624,9 @@ def resolve_metric(
         ranking = RANKING_NAME.fullmatch(metric)
         if ranking:
             average = cast(Average | None, ranking.group("average"))
-            return Ranking(ranking.group("kind"), average, width=width, mode=mode, ignore_index=ignore_index)
+            logits = threshold == 0.0  # the loss's logits (its binary threshold is 0)
+            return Ranking(ranking.group("kind"), average, width=width, mode=mode, ignore_index=ignore_index,
+                           logits=logits)  # fmt: skip
         if metric not in METRICS:
             raise unknown_name_error(
                 "metric", metric, [*METRICS, *COUNTING_NAMES, "auroc", "average_precision", "top5_accuracy (any k)"]
@@ -867,11 +892,16 @@ class Tally:
         for _, external in self.external:  # not saved: they restart with the resumed part of the epoch
             _reset_external(external, device)
 
-    def read(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    def read(
+        self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, running: bool = False
+    ) -> dict[str, float]:
         """The pass's averages so far, keyed by log name.
 
         Args:
             reduce: Sums a 1-D tensor across processes (distributed runs); None in one process.
+            running: A read while the pass runs (the display's, on rank 0 only): torchmetrics
+                objects are left out, since computing one gathers from every process (which
+                would wait forever for the others) and goes over every score seen so far.
 
         Returns:
             ``{"loss": ..., "<metric>": ...}`` with the prefix applied; NaN when nothing was seen.
@@ -904,10 +934,20 @@ class Tally:
         for (name, metric), count in zip(self.builtin, counted, strict=True):
             source = getattr(metric, "source", None)  # a counting metric reading another's matrix
             results[name] = metric.finalize(pieces[id(source or metric)], count)
-        for name, external in self.external:
+        for name, external in [] if running else self.external:
             results[name] = external_value(external.compute())
         for slot in self.slots:
-            logs.update(expand(slot, results[slot.name]))
+            if slot.name not in results:
+                continue
+            expanded = expand(slot, results[slot.name])
+            clash = next((key for key in expanded if key in logs), None)
+            if clash is not None:  # a function's dict key taking another value's name
+                raise config_error(
+                    f"Metric {slot.name!r} logs {clash!r}, which is already another value's name.",
+                    f"{slot.name} gives {', '.join(expanded)}; the run logs {', '.join(logs)}",
+                    "rename that key of the dict the metric function returns.",
+                )
+            logs.update(expanded)
         return {self.prefix + key: value for key, value in logs.items()}
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from trainwell.api import evaluate
+from trainwell.data import TARGET_KEY
 from trainwell.errors import config_error, data_error, describe
 from trainwell.files import atomic_write
 from trainwell.losses import binary_threshold, resolve_loss
@@ -186,7 +187,7 @@ def classification_report(
     class_names: Sequence[str] | None = None,
     batch_size: int | None = None,
     output: Any = None,
-    target_key: str | None = None,
+    target_key: str | None = TARGET_KEY,
     device: str | torch.device = "auto",
 ) -> Report:
     """Evaluate a classifier on ``data`` and report per class and overall.

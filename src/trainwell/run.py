@@ -217,4 +217,4 @@ class Run:
         """The current pass's averages so far (one device-to-host copy; the display calls it
         at most ~10 times a second, the loop never does)."""
         tally = self.train_tally if self.phase == "train" else self.val_tally
-        return tally.read()
+        return tally.read(running=True)
