@@ -402,6 +402,7 @@ def test_resuming_on_another_number_of_processes_is_refused_with_the_fix(
 RANKING = textwrap.dedent(
     """
     import json, os, sys
+    import torch
     import trainwell as tw
     sys.path.insert(0, sys.argv[2])
     from conftest import blobs, make_mlp
@@ -411,11 +412,24 @@ RANKING = textwrap.dedent(
                      epochs=2, batch_size=8, seed=0, progress=True)
     with open(os.path.join(sys.argv[1], f"ranking-{rank}.json"), "w") as file:
         json.dump({key: history[key] for key in ("auroc", "val_auroc", "f1_macro")}, file)
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.label, self.box = torch.nn.Linear(4, 3), torch.nn.Linear(4, 2)
+        def forward(self, inputs):
+            return {"label": self.label(inputs), "box": self.box(inputs)}
+
+    x, y = blobs(samples=101)
+    boxes = torch.arange(202, dtype=torch.float32).reshape(101, 2)
+    _, outputs, targets = tw.evaluate(TwoHeads(), (x, {"label": y, "box": boxes}), batch_size=8, progress=False,
+                                      loss={"label": "cross_entropy", "box": "mse"}, return_outputs=True)
+    torch.save({"outputs": outputs, "targets": targets}, os.path.join(sys.argv[1], f"heads-{rank}.pt"))
     """
 )
 
 
-def test_auroc_with_the_display_on_does_not_wait_for_the_other_ranks(tmp_path: Path) -> None:
+def test_auroc_with_the_display_on_and_two_heads_outputs_under_torchrun(tmp_path: Path) -> None:
     # The display reads running values on rank 0 only; a torchmetrics value gathers from every
     # rank, so it is computed at the epoch's end only (it hung before).
     pytest.importorskip("torchmetrics", reason="auroc needs the metrics extra")
@@ -427,3 +441,7 @@ def test_auroc_with_the_display_on_does_not_wait_for_the_other_ranks(tmp_path: P
     assert result.returncode == 0, result.stderr
     first, second = (json.loads((tmp_path / f"ranking-{rank}.json").read_text()) for rank in (0, 1))
     assert first == second and all(0.5 < value <= 1 for value in first["val_auroc"])
+    # evaluate(return_outputs=True) of a model with two heads: a dict by head, gathered on rank 0 in input order.
+    heads = load(tmp_path / "heads-0.pt")
+    assert torch.equal(heads["targets"]["box"], torch.arange(202, dtype=torch.float32).reshape(101, 2))
+    assert heads["outputs"]["label"].shape == (101, 3) and load(tmp_path / "heads-1.pt")["outputs"] is None

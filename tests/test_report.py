@@ -171,3 +171,33 @@ def test_predict_returns_is_checked_before_any_work() -> None:
         tw.predict(model, torch.randn(4, 4), returns="labels", loss="cross_entropy")  # type: ignore[arg-type]
     with pytest.raises(tw.ConfigError, match="mse trains no classifier"):
         tw.predict(model, torch.randn(4, 4), returns="probabilities", loss="mse")
+
+
+def test_predict_reads_classes_last_and_checks_the_loss_before_any_work() -> None:
+    tagger = nn.Sequential(nn.Embedding(10, 3))  # (N, T, C): classes last
+    tokens = torch.randint(0, 10, (6, 5))
+    probabilities = tw.predict(tagger, tokens, loss="cross_entropy", returns="probabilities", class_dim=-1)
+    assert torch.allclose(probabilities.sum(-1), torch.ones(6, 5))
+    assert tw.predict(tagger, tokens, loss="cross_entropy", returns="classes", class_dim=-1).shape == (6, 5)
+
+    class Untouchable(nn.Module):
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            raise AssertionError("the model ran")
+
+    with pytest.raises(tw.ConfigError, match="mse trains no classifier"):
+        tw.predict(Untouchable(), torch.randn(4, 2), returns="classes", loss="mse")
+
+
+def test_the_report_reads_dict_batches_labels_like_evaluate() -> None:
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return self.linear(features)
+
+    x, y = blobs(samples=40)
+    batches = [{"features": x[start : start + 10], "labels": y[start : start + 10]} for start in range(0, 40, 10)]
+    report = tw.classification_report(Keyword(), batches, loss="cross_entropy")
+    assert sum(map(sum, report.confusion_matrix)) == 40

@@ -40,7 +40,7 @@ from trainwell.errors import (
     warn,
 )
 from trainwell.history import TIME_KEYS, History
-from trainwell.losses import Decoded, LossFn, LossSpec, decode, resolve_loss, with_class_weight
+from trainwell.losses import Decoded, LossFn, LossSpec, check_decodable, decode, resolve_loss, with_class_weight
 from trainwell.metrics import Tally, several_values_prefix
 from trainwell.models import (
     INFERENCE_BATCH_RANGE,
@@ -783,17 +783,28 @@ def _in_input_order(parts: list[Any], job: distributed.Distributed | None, all_r
     if job is None:
         return _concatenate(parts)
     merged = _concatenate(parts) if parts else None  # a rank may have no sample at all
-    if merged is not None and not isinstance(merged, torch.Tensor):
+    gathered = distributed.gather(merged)  # first, so that every process decides on the same parts
+    shaped = next(part for part in gathered if part is not None)
+    is_tensors = isinstance(shaped, torch.Tensor) or (
+        isinstance(shaped, dict) and all(isinstance(value, torch.Tensor) for value in shaped.values())
+    )
+    if not is_tensors:
         raise config_error(
-            "In a torchrun job, outputs are gathered as tensors only.",
-            describe(merged),
+            "In a torchrun job, outputs are gathered as a tensor or a dict of tensors only.",
+            describe(shaped),
             "return a tensor from the model, or pick one output with output=.",
         )
-    gathered = distributed.gather(merged)
     if not job.is_main_process and not all_ranks:
         return None
-    shaped = next(part for part in gathered if part is not None)
-    return distributed.interleave(_in_order([shaped[:0] if part is None else part for part in gathered]))
+    if isinstance(shaped, dict):
+        return {key: _interleaved([None if part is None else part[key] for part in gathered]) for key in shaped}
+    return _interleaved(gathered)
+
+
+def _interleaved(parts: list[torch.Tensor | None]) -> torch.Tensor:
+    """Each process's rows (rank r holds positions r, r + N, ...) back in input order."""
+    shaped = next(part for part in parts if part is not None)
+    return distributed.interleave(_in_order([shaped[:0] if part is None else part for part in parts]))
 
 
 def predict(
@@ -808,6 +819,7 @@ def predict(
     progress: Progress = "auto",
     returns: Decoded = "outputs",
     loss: str | LossFn | None = None,
+    class_dim: int = 1,
 ) -> Any:
     """The model's outputs for every sample of ``data``, concatenated on the CPU in input order.
 
@@ -833,6 +845,8 @@ def predict(
             ``loss``: softmax for ``cross_entropy``, exp for ``nll``, sigmoid for
             ``bce_with_logits``, as they are for ``bce``.
         loss: The loss the classifier was trained with (needed for ``returns``).
+        class_dim: Where ``returns`` finds the classes: dimension 1, as torch's losses take them
+            ((N, C) or (N, C, H, W)), or -1 for outputs with classes last (a tagger's (N, T, C)).
 
     Returns:
         A tensor of shape (N, ...); a tuple or dict of such tensors when the model returns one
@@ -866,7 +880,7 @@ def predict(
             describe(outputs),
             "pick the class scores with output= (e.g. output='logits').",
         )
-    return decode(outputs, spec, returns)
+    return decode(outputs, spec, returns, class_dim)
 
 
 def _decoding_loss(returns: Any, loss: str | LossFn | None) -> LossSpec | None:
@@ -885,7 +899,9 @@ def _decoding_loss(returns: Any, loss: str | LossFn | None) -> LossSpec | None:
             "loss=None",
             f"pass e.g. loss='cross_entropy' (softmax) or loss='bce_with_logits' (sigmoid) with returns={returns!r}.",
         )
-    return resolve_loss(loss)
+    spec = resolve_loss(loss)
+    check_decodable(spec, returns)
+    return spec
 
 
 def _in_order(parts: list[torch.Tensor]) -> list[torch.Tensor]:

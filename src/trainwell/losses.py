@@ -168,11 +168,29 @@ def sample_weighted(spec: LossSpec) -> WeightedLossFn:
 Decoded = Literal["outputs", "probabilities", "classes"]
 
 
-def decode(outputs: torch.Tensor, spec: LossSpec, returns: Decoded) -> torch.Tensor:
+def check_decodable(spec: LossSpec, returns: Decoded) -> None:
+    """Refuse to read outputs as probabilities or classes through a loss that trains no classifier.
+
+    Raises:
+        ConfigError: Such a loss.
+    """
+    if returns != "outputs" and (
+        spec.task not in ("multiclass", "binary")
+        or spec.outputs not in ("logits", "probabilities", "log_probabilities")
+    ):
+        raise config_error(
+            f"returns={returns!r} reads a classifier's outputs through its loss; {spec.name} trains no classifier.",
+            f"loss={spec.name!r} ({spec.task})",
+            "name the classification loss the model was trained with (cross_entropy, nll, bce, bce_with_logits), "
+            "or leave returns='outputs'.",
+        )
+
+
+def decode(outputs: torch.Tensor, spec: LossSpec, returns: Decoded, class_dim: int = 1) -> torch.Tensor:
     """A classifier's outputs as the loss reads them: class probabilities (softmax over
-    dimension 1 for cross-entropy's logits, exp of nll's log-probabilities, sigmoid for
-    bce_with_logits; bce's outputs already are) or class indices (the arg-max, or 0/1 per
-    output for binary losses at 0.5).
+    ``class_dim`` for cross-entropy's logits, exp of nll's log-probabilities, sigmoid for
+    bce_with_logits; bce's outputs already are) or class indices (the arg-max over ``class_dim``,
+    or 0/1 per output for binary losses at 0.5).
 
     Raises:
         ConfigError: A loss that does not train a classifier.
@@ -181,28 +199,15 @@ def decode(outputs: torch.Tensor, spec: LossSpec, returns: Decoded) -> torch.Ten
         >>> decode(torch.tensor([[0.0, 2.0], [1.0, -1.0]]), LOSSES["cross_entropy"], "classes").tolist()
         [1, 0]
     """
+    check_decodable(spec, returns)
     if returns == "outputs":
         return outputs
-    if spec.task not in ("multiclass", "binary") or spec.outputs not in (
-        "logits",
-        "probabilities",
-        "log_probabilities",
-    ):
-        raise config_error(
-            f"returns={returns!r} reads a classifier's outputs through its loss; {spec.name} trains no classifier.",
-            f"loss={spec.name!r} ({spec.task})",
-            "name the classification loss the model was trained with (cross_entropy, nll, bce, bce_with_logits), "
-            "or leave returns='outputs'.",
-        )
     if spec.task == "multiclass":
-        probabilities = (
-            outputs.softmax(1)
-            if spec.outputs == "logits"
-            else outputs.exp()
-            if spec.outputs == "log_probabilities"
-            else outputs
-        )
-        return probabilities if returns == "probabilities" else outputs.argmax(1)
+        if spec.outputs == "logits":
+            probabilities = outputs.softmax(class_dim)
+        else:
+            probabilities = outputs.exp() if spec.outputs == "log_probabilities" else outputs
+        return probabilities if returns == "probabilities" else outputs.argmax(class_dim)
     probabilities = outputs.sigmoid() if spec.outputs == "logits" else outputs
     return probabilities if returns == "probabilities" else (probabilities > 0.5).long()
 
