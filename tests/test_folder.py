@@ -318,3 +318,18 @@ def test_auto_refuses_checkpoint_files_that_no_manifest_entry_lists(tmp_path: Pa
     with pytest.raises(tw.ConfigError, match="already holds the checkpoints of a run"):
         fit_with(tmp_path, epochs=2, resume="auto")
     assert contents(tmp_path) == saved
+
+
+def test_running_out_of_memory_while_reading_a_checkpoint_is_not_taken_for_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Filling this machine's memory for real would take the test run down with it: torch.load
+    # raises MemoryError here instead, as it does when a checkpoint does not fit.
+    fit_with(tmp_path, epochs=2)
+
+    def no_memory(*arguments: Any, **options: Any) -> Any:
+        raise MemoryError
+
+    monkeypatch.setattr(torch, "load", no_memory)
+    with pytest.raises(MemoryError):  # not "Skipping checkpoint ... unreadable" and a fall back to an older one
+        fit_with(tmp_path, epochs=3, resume=True)

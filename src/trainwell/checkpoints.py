@@ -292,7 +292,7 @@ def read_checkpoint(file: Path, sha256: str | None = None) -> tuple[dict[str, An
         raise DataError("its content does not match the hash recorded when it was written (damaged or truncated)")
     try:
         state = safe_load(file)
-    except DataError:
+    except (DataError, OSError, MemoryError):  # the machine's say (no memory, no disk), not damage
         raise
     except Exception as error:  # a truncated or garbled zip archive: any reader error means unusable
         raise DataError(f"unreadable ({type(error).__name__}: {str(error)[:200]})") from None
