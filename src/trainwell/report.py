@@ -22,7 +22,7 @@ from trainwell.errors import config_error, data_error, describe
 from trainwell.files import atomic_write
 from trainwell.losses import binary_threshold, resolve_loss
 from trainwell.metrics import class_count_value
-from trainwell.plots import plot_curve, plot_matrix
+from trainwell.plots import confusion_matrix, plot_curve, plot_matrix
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -108,8 +108,7 @@ class Report:
             )
         predicted = (scores > threshold).long() if binary else scores.argmax(1)
         truth = (truth > 0.5).long() if binary else truth.long()
-        matrix = np.zeros((classes, classes), dtype=np.int64)
-        np.add.at(matrix, (truth.numpy(), predicted.numpy()), 1)
+        matrix = confusion_matrix(truth, predicted, classes).numpy()
         overall = _overall(matrix) | ({} if loss is None else {"loss": loss})
         roc = precision_recall = None
         if binary:
