@@ -130,7 +130,8 @@ def test_a_damaged_manifest_with_a_truncated_newest_file_falls_back_to_the_intac
     messages = " ".join(str(warning.message) for warning in caught)
     assert "damaged checkpoint manifest" in messages and f"Skipping checkpoint {newest}" in messages
     assert f"resuming from {older.name}" in messages
-    assert {warning.filename for warning in caught} == {__file__}  # shown at the user's call, not inside trainwell
+    # trainwell's warnings are shown at the user's call, not inside trainwell (torch may add its own)
+    assert {warning.filename for warning in caught if issubclass(warning.category, tw.TrainwellWarning)} == {__file__}
     assert history.epochs == 3
 
 
