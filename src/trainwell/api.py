@@ -71,6 +71,7 @@ from trainwell.schedules import LRScheduler, check_scheduler, scheduler_callback
 from trainwell.structures import map_tensors
 
 Progress = bool | Literal["auto"]
+FitProgress = bool | Literal["auto", "plot"]
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile(mode=)
 
 
@@ -104,7 +105,7 @@ def fit(
     checkpoint_every: int | None = None,
     resume: bool | Literal["auto"] | str | Path = False,
     device: str | torch.device = "auto",
-    progress: Progress = "auto",
+    progress: FitProgress = "auto",
     seed: int | None = None,
     **optimizer_options: Any,
 ) -> History:
@@ -179,8 +180,11 @@ def fit(
             same final weights as an uninterrupted run. Ctrl-C or SIGTERM with ``checkpoint_dir``
             finishes the step, saves, and raises ``TrainingInterrupted``.
         device: ``"auto"`` (cuda, else mps, else cpu), or any torch device or string.
-        progress: ``"auto"`` (a live line in a terminal, a widget in a notebook, one line per
-            epoch in logs), True (always the live line), or False (print nothing).
+        progress: ``"auto"`` (a live line in a terminal, one line per epoch in logs, and in a
+            notebook one display updated in place: a bar during each epoch above a table of the
+            epochs, the best value of each column in bold), True (the live line even when the
+            output is not a terminal), ``"plot"`` (in a notebook, also a live chart of the loss
+            and metrics; elsewhere as ``"auto"``), or False (print nothing).
         seed: Makes the data order, ``val_split`` and torch's random numbers (dropout)
             reproducible; it seeds torch's global generator.
         **optimizer_options: Extra arguments of a named optimizer, e.g. ``momentum=0.9``.
@@ -335,7 +339,7 @@ class FitOptions:
     checkpoint_every: int | None
     resume: bool | str | Path
     device: str | torch.device
-    progress: Progress
+    progress: FitProgress
     seed: int | None
     optimizer_options: Mapping[str, Any]
 
@@ -391,7 +395,7 @@ class FitOptions:
             check_count("seed", self.seed, minimum=0)
         for name, value, choices in (
             ("shuffle", self.shuffle, (True, False)),
-            ("progress", self.progress, (True, False, "auto")),
+            ("progress", self.progress, (True, False, "auto", "plot")),
             ("compile", self.compile, (True, False, *COMPILE_MODES)),
             ("terminate_on_nan", self.terminate_on_nan, (True, False, "auto")),
         ):
@@ -986,12 +990,14 @@ def _say(notes: list[str], job: distributed.Distributed | None = None) -> None:
         warn(note)
 
 
-def _display(progress: Progress, job: distributed.Distributed | None = None, own_pass: bool = False) -> list[Callback]:
+def _display(
+    progress: FitProgress, job: distributed.Distributed | None = None, own_pass: bool = False
+) -> list[Callback]:
     """The display (rank 0's only), last in the callbacks; ``own_pass``: for evaluate or predict."""
     if job is not None and not job.is_main_process:
         return []
     mode = (choose_pass_mode if own_pass else choose_mode)(progress, sys.stdout)
-    return [] if mode is None else [ProgressDisplay(mode)]
+    return [] if mode is None else [ProgressDisplay(mode, chart=progress == "plot")]
 
 
 def _listed(callbacks: Callback | Iterable[Callback]) -> list[Callback]:

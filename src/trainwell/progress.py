@@ -23,7 +23,7 @@ _BAR_FORMAT = "{desc}  {n_fmt}/{total_fmt} [{bar:30}]  {metrics}  {elapsed_s:.1f
 
 
 def choose_mode(progress: bool | str, stream: IO[str]) -> DisplayMode | None:
-    """The display for ``progress`` (True / False / "auto") writing to ``stream``.
+    """The display for ``progress`` (True / False / "auto" / "plot") writing to ``stream``.
 
     "auto" is the live line in a terminal, the widget in a notebook, and plain epoch lines
     otherwise (log files, CI); True is the live line (or widget) even when the output is not
@@ -78,11 +78,13 @@ class ProgressDisplay(Callback):
     Args:
         mode: ``"live"``, ``"notebook"`` or ``"lines"`` (see ``choose_mode``).
         stream: Where to write (default: standard output at the time of writing).
+        chart: In a notebook, also draw a live chart of the loss and metrics.
     """
 
-    def __init__(self, mode: DisplayMode, stream: IO[str] | None = None) -> None:
+    def __init__(self, mode: DisplayMode, stream: IO[str] | None = None, chart: bool = False) -> None:
         self.mode = mode
         self.stream = stream
+        self.chart = chart
         self.bar: Any = None
         self.epoch_started = 0.0
         self.last_refresh = 0.0
