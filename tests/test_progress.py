@@ -216,8 +216,8 @@ def test_pass_mode_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert choose_pass_mode("auto", FakeTerminal()) == "live"
     assert choose_pass_mode("auto", io.StringIO()) == "lines"
     assert choose_pass_mode(False, FakeTerminal()) is None
-    monkeypatch.setattr(progress, "_in_notebook", lambda: True)
-    assert choose_mode("auto", io.StringIO()) == "notebook"  # fit: the widget
+    monkeypatch.setattr(progress.notebook, "in_notebook", lambda: True)
+    assert choose_mode("auto", io.StringIO()) == "notebook"  # fit: the HTML display
     assert choose_pass_mode("auto", io.StringIO()) == "lines"  # evaluate, predict: nothing unless long
     assert choose_pass_mode(True, io.StringIO()) == "notebook"
 

@@ -2,7 +2,7 @@
 
 Owns: every use of matplotlib, imported only when a picture is drawn (it is an optional
 extra). Builds ``Figure`` objects directly, never pyplot's global state, so it works with
-no display and in threads.
+no display and in threads; in a notebook each picture shows itself inline (``notebook``).
 """
 
 from __future__ import annotations
@@ -17,17 +17,20 @@ import torch
 
 from trainwell.errors import config_error, data_error, describe
 from trainwell.files import atomic_write
+from trainwell.notebook import show_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
 def _saved(figure: Figure, path: str | Path | None) -> Figure:
-    """``figure``, also written to ``path`` when given (its suffix picks the format), atomically."""
+    """``figure``, written to ``path`` when given (its suffix picks the format), atomically; in a
+    notebook, shown inline when no path is given, and whenever it is a cell's value."""
     if path is not None:
         picture = io.BytesIO()
         figure.savefig(picture, format=Path(path).suffix.lstrip(".") or "png", dpi=110)
         atomic_write(picture.getvalue(), path)
+    show_figure(figure, now=path is None)
     return figure
 
 

@@ -1,7 +1,8 @@
-"""The progress display: a live line (terminal), a widget (notebook) or one line per epoch (logs).
+"""The progress display: a live line (terminal), one HTML output (notebook) or lines (logs).
 
-Owns: everything ``fit``, ``evaluate`` and ``predict`` print. Reads the running sums at most
-``REFRESH_SECONDS`` apart, so the display never forces a device synchronisation per step.
+Owns: everything ``fit``, ``evaluate`` and ``predict`` show. Reads the running sums at most
+``REFRESH_SECONDS`` apart (``NOTEBOOK_REFRESH_SECONDS`` in a notebook), so the display never
+forces a device synchronisation per step.
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ import sys
 import time
 from typing import IO, Any, Literal
 
+from trainwell import notebook
 from trainwell.batches import Batches
 from trainwell.callbacks import Callback
-from trainwell.history import TIME_KEYS
+from trainwell.history import TIME_KEYS, History
+from trainwell.metrics import higher_is_better
 from trainwell.run import Run
 
 DisplayMode = Literal["live", "notebook", "lines"]
 REFRESH_SECONDS = 0.1
+NOTEBOOK_REFRESH_SECONDS = 0.25  # each refresh is a message to the browser
+CHART_SECONDS = 1.0  # the live chart is redrawn at most this often (and at each epoch's end)
 LINE_EVERY_SECONDS = 30.0
 _BAR_FORMAT = "{desc}  {n_fmt}/{total_fmt} [{bar:30}]  {metrics}  {elapsed_s:.1f}s  ETA {remaining_s:.1f}s"
 
@@ -25,13 +30,13 @@ _BAR_FORMAT = "{desc}  {n_fmt}/{total_fmt} [{bar:30}]  {metrics}  {elapsed_s:.1f
 def choose_mode(progress: bool | str, stream: IO[str]) -> DisplayMode | None:
     """The display for ``progress`` (True / False / "auto" / "plot") writing to ``stream``.
 
-    "auto" is the live line in a terminal, the widget in a notebook, and plain epoch lines
-    otherwise (log files, CI); True is the live line (or widget) even when the output is not
-    a terminal; False is nothing.
+    "auto" (and "plot") is the live line in a terminal, the HTML display in a notebook, and
+    plain epoch lines otherwise (log files, CI); True is the live line (or the HTML display)
+    even when the output is not a terminal; False is nothing.
     """
     if progress is False:
         return None
-    if _in_notebook():
+    if notebook.in_notebook():
         return "notebook"
     if progress is True or _is_terminal(stream):
         return "live"
@@ -41,7 +46,7 @@ def choose_mode(progress: bool | str, stream: IO[str]) -> DisplayMode | None:
 def choose_pass_mode(progress: bool | str, stream: IO[str]) -> DisplayMode | None:
     """The display of ``evaluate`` and ``predict``: as ``choose_mode``, except that "auto" in a
     notebook is the log's: a pass is often short and its result is the cell's output, so a
-    notebook, like a log, sees lines only from a pass that runs long (True shows the widget).
+    notebook, like a log, sees lines only from a pass that runs long (True shows its bar).
 
     Example:
         >>> import io
@@ -59,21 +64,32 @@ def format_logs(logs: dict[str, float], fraction_keys: set[str]) -> str:
         >>> format_logs({"loss": 0.23141, "accuracy": 0.93412}, {"accuracy"})
         'loss 0.2314  accuracy 93.41%'
     """
-    parts = []
-    for key, value in logs.items():
-        if key in fraction_keys and math.isfinite(value):
-            parts.append(f"{key} {value * 100:.2f}%")
-        else:
-            parts.append(f"{key} {value:.4g}" if abs(value) >= 1e4 or 0 < abs(value) < 1e-3 else f"{key} {value:.4f}")
-    return "  ".join(parts)
+    return "  ".join(f"{key} {format_value(value, key in fraction_keys)}" for key, value in logs.items())
+
+
+def format_value(value: float, fraction: bool) -> str:
+    """One value as ``format_logs`` shows it.
+
+    Example:
+        >>> format_value(0.93412, True), format_value(0.23141, False), format_value(12345.0, False)
+        ('93.41%', '0.2314', '1.234e+04')
+    """
+    if fraction and math.isfinite(value):
+        return f"{value * 100:.2f}%"
+    return f"{value:.4g}" if abs(value) >= 1e4 or 0 < abs(value) < 1e-3 else f"{value:.4f}"
 
 
 class ProgressDisplay(Callback):
     """Shows training as it goes; added last by ``fit`` unless ``progress=False``.
 
-    In ``evaluate`` and ``predict`` it shows their pass the same way: a live line, then one line
-    with the batches done, the time and the values; in logs a pass prints lines only once it has
-    run ``LINE_EVERY_SECONDS`` (then its summary line too), so short passes print nothing.
+    In a notebook it is one HTML output replaced in place: during an epoch a bar with the running
+    values and the time left, above a table of the finished epochs (the best value of each column
+    in bold) and, with ``chart``, a chart of the loss and metrics. Once ``fit`` ends only the table
+    and chart remain, so a saved notebook shows them as they were, with no stale bars.
+
+    In ``evaluate`` and ``predict`` it shows their pass the same way: a live line (or bar), then
+    one line with the batches done, the time and the values; in logs a pass prints lines only once
+    it has run ``LINE_EVERY_SECONDS`` (then its summary line too), so short passes print nothing.
 
     Args:
         mode: ``"live"``, ``"notebook"`` or ``"lines"`` (see ``choose_mode``).
@@ -86,6 +102,7 @@ class ProgressDisplay(Callback):
         self.stream = stream
         self.chart = chart
         self.bar: Any = None
+        self.board = _Board(chart) if mode == "notebook" else None
         self.epoch_started = 0.0
         self.last_refresh = 0.0
         self.last_line = 0.0
@@ -114,20 +131,21 @@ class ProgressDisplay(Callback):
         self.first_batch = done
         self.next_check = done + 1
         self.printed = False
-        if self.mode == "lines":
-            return
-        self.bar = _bar_class(self.mode == "notebook")(
-            total=total,
-            initial=done,
-            desc=self._title(run),
-            bar_format=_BAR_FORMAT,
-            ascii=".>=",
-            file=self._out(),
-            leave=False,
-            dynamic_ncols=True,
-            mininterval=0,  # on_train_batch_end already limits refreshes to REFRESH_SECONDS
-            miniters=1,
-        )
+        if self.board is not None:
+            self.board.start(run, self._title(run), done, total, self._fractions(run))
+        elif self.mode == "live":
+            self.bar = _bar_class()(
+                total=total,
+                initial=done,
+                desc=self._title(run),
+                bar_format=_BAR_FORMAT,
+                ascii=".>=",
+                file=self._out(),
+                leave=False,
+                dynamic_ncols=True,
+                mininterval=0,  # on_train_batch_end already limits refreshes to REFRESH_SECONDS
+                miniters=1,
+            )
 
     def on_train_batch_end(self, run: Run) -> None:
         if run.batches_done >= self.next_check:
@@ -140,13 +158,19 @@ class ProgressDisplay(Callback):
     def _advance(self, run: Run, done: int, total: int | None) -> None:
         """Redraw the bar (or, in logs, print a line every ``LINE_EVERY_SECONDS``) when due."""
         now = time.perf_counter()
-        wait = REFRESH_SECONDS - (now - self.last_refresh)
+        refresh = NOTEBOOK_REFRESH_SECONDS if self.board is not None else REFRESH_SECONDS
+        wait = refresh - (now - self.last_refresh)
         if wait > 0:
             self._check_again_in(wait, done, now)
             return
         self.last_refresh = now
-        self._check_again_in(REFRESH_SECONDS, done, now)
-        if self.bar is not None:
+        self._check_again_in(refresh, done, now)
+        if self.board is not None:
+            running = {} if run.phase == "predict" else run.running_logs()
+            elapsed = now - self.epoch_started
+            left = _time_left(elapsed, done - self.first_batch, None if total is None else total - done)
+            self.board.advance(run, done, running, _join(_seconds(elapsed), left))
+        elif self.bar is not None:
             self.bar.metrics = self._running(run)
             self.bar.update(done - self.bar.n)
         elif now - self.last_line >= LINE_EVERY_SECONDS:
@@ -169,6 +193,8 @@ class ProgressDisplay(Callback):
     def on_eval_start(self, run: Run) -> None:
         if _own_pass(run):
             self._start(run, 0, _total(run.eval_batches))
+        elif self.board is not None:
+            self.board.validating(run)
         elif self.bar is not None:
             self.bar.metrics = "validating..."
             self.bar.refresh()
@@ -183,10 +209,17 @@ class ProgressDisplay(Callback):
         total = _total(run.eval_batches)
         position = f"{run.eval_batches_done}/{total if total is not None else '?'} batches"
         logs = format_logs(run.eval_logs, self._fractions(run))
-        self._print(_join(self._title(run), position, _seconds(seconds), logs))
+        line = _join(self._title(run), position, _seconds(seconds), logs)
+        if self.board is not None:
+            self.board.finish(run, line)
+        else:
+            self._print(line)
 
     def on_epoch_end(self, run: Run) -> None:
         self._close_bar()
+        if self.board is not None:
+            self.board.epoch_end(run)
+            return
         seconds = run.logs.get("time", time.perf_counter() - self.epoch_started)
         speed = run.logs.get("samples_per_second", math.nan)
         logs = format_logs({key: value for key, value in run.logs.items() if key not in TIME_KEYS},
@@ -195,6 +228,8 @@ class ProgressDisplay(Callback):
 
     def on_fit_end(self, run: Run) -> None:
         self._close_bar()
+        if self.board is not None:
+            self.board.finish(run)
 
     def _close_bar(self) -> None:
         if self.bar is not None:
@@ -207,16 +242,127 @@ class ProgressDisplay(Callback):
         out.flush()
 
 
-def _bar_class(notebook: bool) -> type[Any]:
-    """tqdm's bar (or notebook widget) with a ``{metrics}`` field, as tqdm's docs show for
-    extra format fields; tqdm is imported only when a bar is drawn."""
-    base: type[Any]
-    if notebook:
-        from tqdm.auto import tqdm as base
-    else:
-        from tqdm.std import tqdm as base
+class _Board:
+    """The notebook's display of a run: the current pass's bar over the table of finished epochs
+    (and the chart), one output replaced in place. Everything it shows comes from the History
+    and the running values the display already reads: it reads nothing from the device itself."""
 
-    class EpochBar(base):  # type: ignore[misc]
+    def __init__(self, chart: bool) -> None:
+        self.output = notebook.LiveOutput()
+        self.chart = chart
+        self.fractions: set[str] = set()
+        self.title = ""
+        self.total: int | None = None
+        self.bar: tuple[int, str] | None = None  # (batches done, details) of the pass shown, if any
+        self.table = ("", "")  # the epochs' table as (HTML, text), rebuilt once per epoch
+        self.ticks: dict[str, list[notebook.Point]] = {}  # the epoch's running values, for the chart
+        self.drawn = ("", -math.inf)  # the chart's SVG, and when it was drawn
+
+    def start(self, run: Run, title: str, done: int, total: int | None, fractions: set[str]) -> None:
+        self.title, self.total, self.fractions = title, total, fractions
+        self.ticks = {}
+        if not self.table[0] and run.history.epochs:  # a resumed run: the epochs before the resume
+            self.table = _epoch_table(run.history, fractions)
+        self.bar = (done, "")
+        self._show(run)
+
+    def advance(self, run: Run, done: int, running: dict[str, float], timing: str) -> None:
+        self.bar = (done, _join(format_logs(running, self.fractions), timing))
+        if self.chart and self.total and not _own_pass(run):
+            x = run.epoch + done / self.total
+            for key, value in running.items():
+                self.ticks.setdefault(key, []).append((x, value))
+        self._show(run)
+
+    def validating(self, run: Run) -> None:
+        if self.bar is not None:
+            self.bar = (self.bar[0], "validating...")
+            self._show(run)
+
+    def epoch_end(self, run: Run) -> None:
+        self.bar, self.ticks = None, {}
+        self.table = _epoch_table(run.history, self.fractions)
+        self._show(run, redraw=True)
+
+    def finish(self, run: Run, line: str = "") -> None:
+        """Leave the final state: the table (and chart), or ``line`` (an evaluate's summary), and
+        where a pass stopped before its end, a line saying so instead of its bar."""
+        if self.bar is not None and not line:
+            line = f"{self.title} stopped at batch {self.bar[0]}/{self.total if self.total is not None else '?'}"
+        self.bar, self.ticks = None, {}
+        self._show(run, redraw=True, line=line)
+
+    def _show(self, run: Run, redraw: bool = False, line: str = "") -> None:
+        html_parts, text_parts = [], []
+        if self.bar is not None:
+            done, details = self.bar
+            html_parts.append(notebook.bar_html(self.title, done, self.total, details))
+            text_parts.append(_join(self.title, f"{done}/{self.total if self.total is not None else '?'}", details))
+        elif line:
+            html_parts.append(f"<div>{notebook.escape(line)}</div>")
+            text_parts.append(line)
+        chart = self._chart(run, redraw) if self.chart and not _own_pass(run) else ""
+        if self.table[0] or chart:
+            html_parts.append(f'<div style="display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start">'
+                              f"{self.table[0]}{chart}</div>")  # fmt: skip
+            text_parts.append(self.table[1])
+        self.output.show("".join(html_parts), "\n".join(part for part in text_parts if part))
+
+    def _chart(self, run: Run, redraw: bool) -> str:
+        """One panel per quantity: the finished epochs' values, and this epoch's running ones."""
+        now = time.perf_counter()
+        if not redraw and now - self.drawn[1] < CHART_SECONDS:
+            return self.drawn[0]
+        history = run.history
+        names = [key for key in history if not key.startswith("val_") and key not in (*TIME_KEYS, "lr")]
+        names += [key.removeprefix("val_") for key in history if key.startswith("val_") and key[4:] not in history]
+        names += [key for key in self.ticks if key not in names]
+        panels = []
+        for name in names:
+            series = {}
+            for label, key in (("train", name), ("validation", f"val_{name}")):
+                points = [(epoch + 1.0, value) for epoch, value in enumerate(history.get(key, []))]
+                points += self.ticks.get(key, [])
+                if points:
+                    series[label] = points
+            panels.append(notebook.chart_svg(name, series, run.epochs))
+        self.drawn = ("".join(panels), now)
+        return self.drawn[0]
+
+
+def _epoch_table(history: History, fractions: set[str]) -> tuple[str, str]:
+    """The History as a table, (HTML, text): the epoch, its time, then every value; in each
+    column of losses and metrics (of two epochs or more) the best value is marked."""
+    keys = [key for key in history if key not in TIME_KEYS]
+    columns = ["epoch", "time", *keys]
+    times = history.get("time", [])
+    rows = [
+        [str(epoch + 1), _seconds(times[epoch]) if epoch < len(times) and math.isfinite(times[epoch]) else ""]
+        + [format_value(history[key][epoch], key in fractions) for key in keys]
+        for epoch in range(history.epochs)
+    ]
+    best = set()
+    for column, key in enumerate(keys, start=2):
+        values = [value for value in history[key] if math.isfinite(value)]
+        if key == "lr" or len(values) < 2 or min(values) == max(values):
+            continue
+        top = max(values) if higher_is_better(key) else min(values)
+        best |= {(epoch, column) for epoch, value in enumerate(history[key]) if value == top}
+    return notebook.table_html(columns, rows, best), notebook.table_text(columns, rows, best)
+
+
+def _time_left(elapsed: float, done: int, left: int | None) -> str:
+    if left is None or done <= 0:
+        return ""
+    return f"ETA {_seconds(elapsed / done * left)}"
+
+
+def _bar_class() -> type[Any]:
+    """tqdm's bar with a ``{metrics}`` field, as tqdm's docs show for extra format fields; tqdm
+    is imported only when a bar is drawn."""
+    from tqdm.std import tqdm
+
+    class EpochBar(tqdm):  # type: ignore[type-arg]
         metrics = ""
         monitor_interval = 0  # no monitor thread: the refresh rate is set by on_train_batch_end
 
@@ -252,9 +398,3 @@ def _seconds(seconds: float) -> str:
 def _is_terminal(stream: IO[str]) -> bool:
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())
-
-
-def _in_notebook() -> bool:
-    shell = sys.modules.get("IPython")
-    get_ipython = getattr(shell, "get_ipython", None)
-    return get_ipython is not None and type(get_ipython()).__name__ == "ZMQInteractiveShell"
