@@ -176,7 +176,7 @@ class ProgressDisplay(Callback):
         elif now - self.last_line >= LINE_EVERY_SECONDS:
             self.last_line = now
             self.printed = True
-            position = f"{done}/{total if total is not None else '?'}"
+            position = f"{done}/{_or_unknown(total)}"
             self._print(_join(self._title(run), position, self._running(run), _seconds(now - self.epoch_started)))
 
     def _running(self, run: Run) -> str:
@@ -207,7 +207,7 @@ class ProgressDisplay(Callback):
         if self.mode == "lines" and not self.printed:  # a short pass in a log: nothing at all
             return
         total = _total(run.eval_batches)
-        position = f"{run.eval_batches_done}/{total if total is not None else '?'} batches"
+        position = f"{run.eval_batches_done}/{_or_unknown(total)} batches"
         logs = format_logs(run.eval_logs, self._fractions(run))
         line = _join(self._title(run), position, _seconds(seconds), logs)
         if self.board is not None:
@@ -288,7 +288,9 @@ class _Board:
         """Leave the final state: the table (and chart), or ``line`` (an evaluate's summary), and
         where a pass stopped before its end, a line saying so instead of its bar."""
         if self.bar is not None and not line:
-            line = f"{self.title} stopped at batch {self.bar[0]}/{self.total if self.total is not None else '?'}"
+            done = run.eval_batches_done if _own_pass(run) else run.batches_done
+            where = "validating" if self.bar[1] == "validating..." else f"at batch {done}/{_or_unknown(self.total)}"
+            line = f"{self.title} stopped {where}"
         self.bar, self.ticks = None, {}
         self._show(run, redraw=True, line=line)
 
@@ -297,7 +299,7 @@ class _Board:
         if self.bar is not None:
             done, details = self.bar
             html_parts.append(notebook.bar_html(self.title, done, self.total, details))
-            text_parts.append(_join(self.title, f"{done}/{self.total if self.total is not None else '?'}", details))
+            text_parts.append(_join(self.title, f"{done}/{_or_unknown(self.total)}", details))
         elif line:
             html_parts.append(f"<div>{notebook.escape(line)}</div>")
             text_parts.append(line)
@@ -381,6 +383,10 @@ def _own_pass(run: Run) -> bool:
 def _total(batches: Batches | None) -> int | None:
     """The pass's number of batches (None: unknown, as for a generator)."""
     return batches.num_batches if batches is not None else None
+
+
+def _or_unknown(total: int | None) -> str:
+    return "?" if total is None else str(total)
 
 
 def _join(*parts: str) -> str:

@@ -1,0 +1,272 @@
+"""The notebook display and inline figures, in a real notebook: cells executed by nbclient in an
+ipykernel kernel, then the saved outputs inspected (and, in-process, the display's updates)."""
+
+from __future__ import annotations
+
+import base64
+import html.parser
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import trainwell as tw
+from trainwell import notebook, progress
+from trainwell.metrics import higher_is_better
+from trainwell.progress import format_value
+
+nbformat = pytest.importorskip("nbformat", reason="the dev extra installs nbformat, nbclient and ipykernel")
+nbclient = pytest.importorskip("nbclient", reason="the dev extra installs nbformat, nbclient and ipykernel")
+pytest.importorskip("ipykernel", reason="the dev extra installs nbformat, nbclient and ipykernel")
+
+PNG = b"\x89PNG\r\n\x1a\n"
+SETUP = """\
+import json, torch, trainwell
+torch.manual_seed(0)
+x = torch.randn(600, 8)
+y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+"""
+CELLS = {
+    "kernel": "from trainwell.notebook import in_notebook\nin_notebook()",
+    "fit": "net = model()\nhistory = trainwell.fit(net, (x, y), loss='cross_entropy', metrics=['accuracy'], epochs=4,"
+    " val_split=0.25, seed=0, batch_size=16)",
+    "history": "print(json.dumps(history.to_dict()))",
+    "value": "history.plot()",
+    "mid_cell": "figure = history.plot()\nprint('drawn')",
+    "to_file": "figure = history.plot('curves.png')",
+    "again": "figure",
+    "lr_finder": "trainwell.find_lr(model(), (x, y), loss='cross_entropy', steps=30).plot()",
+    "report": "trainwell.classification_report(net, (x, y), loss='cross_entropy').plot_confusion_matrix()",
+    "chart": "chart_history = trainwell.fit(model(), (x, y), loss='cross_entropy', metrics=['accuracy'], epochs=3,"
+    " val_split=0.25, seed=0, progress='plot')",
+    "first_part": "trainwell.fit(model(), (x, y), loss='cross_entropy', epochs=2, seed=0, checkpoint_dir='run')",
+    "resumed": "resumed = trainwell.fit(model(), (x, y), loss='cross_entropy', epochs=4, seed=0, checkpoint_dir='run',"
+    " resume=True)",
+    "evaluate": "trainwell.evaluate(net, (x, y), loss='cross_entropy', metrics=['accuracy'], batch_size=16,"
+    " progress=True)",
+}
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, list[Any]], Path]:
+    """The notebook of ``CELLS`` executed in a real kernel and saved: each cell's outputs by name."""
+    folder = tmp_path_factory.mktemp("notebook")
+    book = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell(SETUP)] + [nbformat.v4.new_code_cell(code) for code in CELLS.values()]
+    )
+    client = nbclient.NotebookClient(book, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(folder)}})  # fmt: skip
+    client.execute(env={"OMP_NUM_THREADS": "1"})
+    nbformat.write(book, folder / "executed.ipynb")
+    saved = nbformat.read(folder / "executed.ipynb", as_version=4)
+    nbformat.validate(saved)
+    assert saved.cells[0].outputs == []
+    return {name: cell.outputs for name, cell in zip(CELLS, saved.cells[1:], strict=True)}, folder
+
+
+class _Table(html.parser.HTMLParser):
+    """The header, the cells and the bold cells of the first HTML table."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__()
+        self.header: list[str] = []
+        self.rows: list[list[str]] = []
+        self.bold: set[tuple[int, int]] = set()
+        self._tag = ""
+        self.feed(page)
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag == "tr" and self._tag != "thead":
+            self.rows.append([])
+        if tag in ("th", "td", "b", "thead"):
+            self._tag = tag
+
+    def handle_endtag(self, tag: str) -> None:
+        self._tag = "" if tag in ("thead", "td", "th", "b") else self._tag
+
+    def handle_data(self, data: str) -> None:
+        if self._tag == "th":
+            self.header.append(data)
+        elif self._tag in ("td", "b"):
+            self.rows[-1].append(data)
+            if self._tag == "b":
+                self.bold.add((len(self.rows) - 1, len(self.rows[-1]) - 1))
+
+
+def _only_display(outputs: list[Any]) -> dict[str, str]:
+    displays = [output for output in outputs if output.output_type == "display_data"]
+    assert len(displays) == 1, outputs
+    return displays[0].data  # type: ignore[no-any-return]
+
+
+def _is_png(outputs: list[Any]) -> bool:
+    images = [output for output in outputs if "image/png" in output.get("data", {})]
+    return len(images) == 1 and base64.b64decode(images[0].data["image/png"]).startswith(PNG)
+
+
+@pytest.mark.slow
+def test_a_fit_leaves_one_clean_table_equal_to_the_history(executed: tuple[dict[str, list[Any]], Path]) -> None:
+    outputs, _ = executed
+    assert outputs["kernel"][0].data["text/plain"] == "True"  # recognised by its kernel
+    assert [output.output_type for output in outputs["fit"]] == ["display_data"]  # one display for the whole fit
+    bundle = _only_display(outputs["fit"])
+    assert "<progress" not in bundle["text/html"]  # no stale bar
+    history = json.loads(outputs["history"][0].text)
+    table = _Table(bundle["text/html"])
+    keys = ["loss", "accuracy", "val_loss", "val_accuracy"]
+    assert table.header == ["epoch", "time", *keys]
+    fractions = {"accuracy", "val_accuracy"}
+    expected = [
+        [str(epoch + 1), *(format_value(history[key][epoch], key in fractions) for key in keys)] for epoch in range(4)
+    ]
+    assert [[row[0], *row[2:]] for row in table.rows] == expected
+    best = set()
+    for column, key in enumerate(keys, start=2):
+        values = history[key]
+        top = (max if higher_is_better(key) else min)(values)
+        best |= {(epoch, column) for epoch, value in enumerate(values) if value == top}
+    assert table.bold == best and best
+    text = bundle["text/plain"].splitlines()  # the plain twin, for viewers without HTML
+    assert text[0].split() == table.header and len(text) == 5
+    assert all(output.output_type != "execute_result" for output in outputs["fit"])
+
+
+@pytest.mark.slow
+def test_the_notebook_has_no_stray_output(executed: tuple[dict[str, list[Any]], Path]) -> None:
+    outputs, _ = executed
+    for name, cell in outputs.items():
+        for output in cell:
+            assert output.get("name") != "stderr", (name, output)
+            text = json.dumps(dict(output))
+            assert "\\r" not in text and "Warning" not in text and "HBox" not in text, (name, output)
+
+
+@pytest.mark.slow
+def test_figures_show_inline_once_and_write_files_without_showing(
+    executed: tuple[dict[str, list[Any]], Path],
+) -> None:
+    outputs, folder = executed
+    for name in ("value", "again", "lr_finder", "report"):  # a cell's value: one picture, not a repr too
+        assert _is_png(outputs[name]) and len(outputs[name]) == 1, name
+    assert _is_png(outputs["mid_cell"])  # called without a path in the middle of a cell
+    assert [output.output_type for output in outputs["mid_cell"]] == ["display_data", "stream"]
+    assert outputs["to_file"] == []  # given a path: the file, no picture
+    assert (folder / "curves.png").read_bytes().startswith(PNG)
+
+
+@pytest.mark.slow
+def test_the_live_chart_and_a_resumed_run_and_an_evaluation(executed: tuple[dict[str, list[Any]], Path]) -> None:
+    outputs, _ = executed
+    chart = _only_display(outputs["chart"])["text/html"]
+    assert chart.count("<svg") == 2 and chart.count("<polyline") == 4  # loss and accuracy, train and validation
+    assert [row[0] for row in _Table(chart).rows] == ["1", "2", "3"]
+    resumed = _Table(_only_display(outputs["resumed"])["text/html"])
+    assert [row[0] for row in resumed.rows] == ["1", "2", "3", "4"]  # the epochs before the resume too
+    summary = _only_display(outputs["evaluate"])
+    assert summary["text/plain"].startswith("Evaluate  38/38 batches") and "accuracy" in summary["text/plain"]
+    assert [output.output_type for output in outputs["evaluate"]] == ["display_data", "execute_result"]
+
+
+class _Recorder:
+    """What the display sends to the notebook, recorded in place of IPython's display (this
+    process runs no kernel; the executed-notebook tests above use a real one)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.pages: list[tuple[str, str]] = []
+        monkeypatch.setattr(progress.notebook, "in_notebook", lambda: True)
+        monkeypatch.setattr(notebook.LiveOutput, "show", lambda _, page, text: self.pages.append((page, text)))
+
+
+def _fit(**options: Any) -> tw.History:
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    y = (x[:, 0] > 0).long()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    settings = {"loss": "cross_entropy", "metrics": ["accuracy"], "epochs": 3, "batch_size": 16, "seed": 0} | options
+    return tw.fit(model, (x, y), **settings)
+
+
+def test_the_display_reads_the_running_values_only_at_its_refreshes(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = _Recorder(monkeypatch)
+    reads: list[int] = []
+    original = tw.Run.running_logs
+    monkeypatch.setattr(tw.Run, "running_logs", lambda run: reads.append(1) or original(run))
+    monkeypatch.setattr(progress, "NOTEBOOK_REFRESH_SECONDS", 3600.0)
+    _fit(progress="plot")
+    assert reads == []  # no refresh due: nothing read from the device by the display
+    # each epoch shows its bar once at its start and the table at its end, then the final state
+    assert len(recorder.pages) == 3 * 2 + 1
+    assert "<progress" not in recorder.pages[-1][0] and recorder.pages[-1][0].count("<svg") == 2
+
+
+def test_during_an_epoch_the_bar_shows_the_running_values_and_the_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = _Recorder(monkeypatch)
+    monkeypatch.setattr(progress, "NOTEBOOK_REFRESH_SECONDS", 0.0)
+    _fit(epochs=2)
+    bars = [text for page, text in recorder.pages if "<progress" in page]
+    assert any(text.startswith("Epoch 2/2  8/16  loss ") and "ETA" in text for text in bars)
+    last = recorder.pages[-1][1].splitlines()
+    assert last[0].split() == ["epoch", "time", "loss", "accuracy"] and len(last) == 3
+
+
+def test_a_fit_stopped_in_an_epoch_says_where_instead_of_leaving_its_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = _Recorder(monkeypatch)
+
+    class Fails(tw.Callback):
+        def on_train_batch_end(self, run: tw.Run) -> None:
+            if run.epoch == 1 and run.batches_done == 5:
+                raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        _fit(callbacks=[Fails()])
+    page, text = recorder.pages[-1]
+    assert "<progress" not in page and text.splitlines()[0] == "Epoch 2/3 stopped at batch 5/16"
+    assert len(text.splitlines()) == 3  # the header and the one finished epoch
+
+
+def test_the_chart_is_redrawn_at_most_once_a_chart_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = _Recorder(monkeypatch)
+    monkeypatch.setattr(progress, "NOTEBOOK_REFRESH_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "CHART_SECONDS", 3600.0)
+    _fit(progress="plot")
+    charts = [page[page.index("<svg") :] for page, _ in recorder.pages if "<svg" in page]
+    assert len(charts) > 20 and len(set(charts)) == 3  # redrawn at each epoch's end, not at the refreshes
+
+
+def test_the_best_value_of_each_column_is_marked_by_its_direction() -> None:
+    history = tw.History()
+    for loss, accuracy, lr in ((0.9, 0.5, 0.1), (0.5, 0.7, 0.05), (0.6, 0.8, 0.01)):
+        history.append({"loss": loss, "accuracy": accuracy, "lr": lr, "time": 1.0})
+    page, text = progress._epoch_table(history, {"accuracy"})
+    table = _Table(page)
+    assert table.header == ["epoch", "time", "loss", "accuracy", "lr"]
+    assert table.bold == {(1, 2), (2, 3)}  # the lowest loss, the highest accuracy; the lr is not a score
+    assert text.splitlines()[2].split() == ["2", "1.00s", "0.5000*", "70.00%", "0.0500"]
+
+
+def test_a_notebook_is_recognised_by_its_kernel_not_by_a_class_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    ipython = pytest.importorskip("IPython")
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()  # a real shell with no kernel behind it (as a terminal's)
+    try:
+        assert ipython.get_ipython() is shell and not notebook.in_notebook()
+
+        class Shell:  # Colab's shell is its own subclass with a kernel; it cannot run here, so a stand-in
+            kernel = object()
+
+        monkeypatch.setattr(ipython, "get_ipython", lambda: Shell())
+        assert notebook.in_notebook()
+    finally:
+        InteractiveShell.clear_instance()
+
+
+def test_a_value_that_is_not_finite_is_left_out_of_the_chart() -> None:
+    svg = notebook.chart_svg("loss", {"train": [(1, 1.0), (2, math.nan), (3, 0.5)]}, 3)
+    assert svg.count("<polyline") == 1 and "nan" not in svg
