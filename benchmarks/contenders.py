@@ -83,7 +83,7 @@ def best_hand_fit(task: TrainTask) -> Outcome:
     return Outcome(seen, total_loss / seen, total_correct / seen)
 
 
-def _trainwell_fit(task: TrainTask, progress: bool, metrics: tuple[str, ...] = ("accuracy",)) -> Outcome:
+def _trainwell_fit(task: TrainTask, progress: bool | str, metrics: tuple[str, ...] = ("accuracy",)) -> Outcome:
     data = task.loader if task.loader is not None else (task.inputs, task.targets)
     history = trainwell.fit(
         task.model,
@@ -114,6 +114,12 @@ def trainwell_counting_fit(task: TrainTask) -> Outcome:
     """``trainwell_quiet`` with a counting metric too, ``metrics=["accuracy", "f1_macro"]``: what
     the confusion-matrix sums cost a step."""
     return _trainwell_fit(task, progress=False, metrics=("accuracy", "f1_macro"))
+
+
+def trainwell_notebook_fit(task: TrainTask) -> Outcome:
+    """``trainwell.fit(..., progress="auto")`` in a notebook kernel (``kernel.kernel_display``):
+    the notebook display, its messages signed, serialised and sent as a kernel sends them."""
+    return _trainwell_fit(task, progress="auto")
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,7 @@ TRAINERS: dict[str, Callable[[TrainTask], Outcome]] = {
     "trainwell": trainwell_fit,
     "trainwell_quiet": trainwell_quiet_fit,
     "trainwell_counting": trainwell_counting_fit,
+    "trainwell_notebook": trainwell_notebook_fit,
 }
 SCORERS: dict[str, Scorer] = {
     "tutorial": Scorer(tutorial_evaluate, tutorial_predict),

@@ -239,10 +239,15 @@ def paired_line(result: dict[str, Any]) -> str:
         values = sorted(result["speed_ratios"][name])
         return f"{result['median_' + name]:.3f}x ({values[0]:.3f}-{values[-1]:.3f})"
 
-    counting = f"; with f1_macro: {span('counting_vs_quiet')}" if "counting_vs_quiet" in result["speed_ratios"] else ""
+    extras = {"counting_vs_quiet": "; with f1_macro: ", "notebook_vs_quiet": "; the notebook display: "}
+    more = "".join(label + span(name) for name, label in extras.items() if name in result["speed_ratios"])
+    if "notebook_display_share" in result:
+        shares = sorted(result["notebook_display_share"])
+        more += (f", its hooks {result['median_notebook_display_share']:.3%} of the epoch "
+                 f"({shares[0]:.3%}-{shares[-1]:.3%})")  # fmt: skip
     return (
         f"trainwell_quiet {span('quiet_vs_hand')} best_hand, trainwell {span('display_vs_hand')}; the display: "
-        f"{span('display_vs_quiet')} trainwell_quiet{counting} (median of {result['pairs']} rounds, range)"
+        f"{span('display_vs_quiet')} trainwell_quiet{more} (median of {result['pairs']} rounds, range)"
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 
+import kernel
 from contenders import SCORERS, TRAINERS, WITH_DISPLAY
 from frameworks import FRAMEWORK_TRAINERS
 from load import LoadWatch
@@ -161,6 +162,8 @@ PAIRED = "paired"
 PAIRED_ROUNDS = 6
 PAIRED_CONTENDERS = ("best_hand", "trainwell_quiet", "trainwell")
 COUNTING = "trainwell_counting"  # also paired on the workloads it is written for (not the text ones)
+NOTEBOOK = "trainwell_notebook"  # also paired there when the kernel's packages are installed
+NOTEBOOK_SHARES: list[float] = []  # of each NOTEBOOK epoch: the share of its time in the display's hooks
 
 
 def _paired_epoch(contender: str, workload: Workload, inputs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -169,8 +172,14 @@ def _paired_epoch(contender: str, workload: Workload, inputs: torch.Tensor, targ
     task = TrainTask(build_model(workload.architecture), inputs, targets, workload.batch_size, workload.architecture,
                      loader)  # fmt: skip
     del loader  # held by the task only, so that dropping the task stops (f)'s workers
-    with terminal_stdout(SinkReport()) if contender in WITH_DISPLAY else contextlib.nullcontext():
+    if contender in WITH_DISPLAY:
+        shown: contextlib.AbstractContextManager[Any] = terminal_stdout(SinkReport())
+    else:
+        shown = kernel.kernel_display() if contender == NOTEBOOK else contextlib.nullcontext()
+    with shown as display:
         seconds = _timed(_trainer(contender, workload), task, None)["seconds"]
+        if contender == NOTEBOOK:
+            NOTEBOOK_SHARES.append(display.seconds / seconds)
         del task  # (f): stop the workers while the pseudo-terminal is open (see ``_train``)
         gc.collect()
     return seconds
@@ -178,13 +187,18 @@ def _paired_epoch(contender: str, workload: Workload, inputs: torch.Tensor, targ
 
 def _paired(workload: Workload, inputs: torch.Tensor, targets: torch.Tensor, pairs: int) -> dict[str, Any]:
     """trainwell against the hand loop in one process: ``pairs`` rounds (after one to warm up) of
-    one epoch each of ``PAIRED_CONTENDERS`` (and ``COUNTING``), in a rotated order every round, so that slow phases
-    of a shared machine hit the contenders of a round alike and the per-round ratios cancel them
-    (what is left is the machine's own noise within a round, reported as the ratios' range)."""
+    one epoch each of ``PAIRED_CONTENDERS`` (and ``COUNTING``, ``NOTEBOOK``), in a rotated order every
+    round, so that slow phases of a shared machine hit the contenders of a round alike and the
+    per-round ratios cancel them (what is left is the machine's own noise within a round, reported
+    as the ratios' range)."""
     ratios: dict[str, list[float]] = {"quiet_vs_hand": [], "display_vs_hand": [], "display_vs_quiet": []}
-    contenders = PAIRED_CONTENDERS + ((COUNTING,) if workload.kind != "text" else ())
-    if COUNTING in contenders:
-        ratios["counting_vs_quiet"] = []
+    extra = {COUNTING: "counting_vs_quiet", NOTEBOOK: "notebook_vs_quiet"}
+    if workload.kind == "text" or not kernel.available():
+        del extra[NOTEBOOK]
+    if workload.kind == "text":
+        del extra[COUNTING]
+    contenders = PAIRED_CONTENDERS + tuple(extra)
+    ratios |= {name: [] for name in extra.values()}
     for round_index in range(pairs + 1):
         shift = round_index % len(contenders)
         order = contenders[shift:] + contenders[:shift]
@@ -193,11 +207,18 @@ def _paired(workload: Workload, inputs: torch.Tensor, targets: torch.Tensor, pai
             ratios["quiet_vs_hand"].append(seconds["best_hand"] / seconds["trainwell_quiet"])
             ratios["display_vs_hand"].append(seconds["best_hand"] / seconds["trainwell"])
             ratios["display_vs_quiet"].append(seconds["trainwell_quiet"] / seconds["trainwell"])
-            if COUNTING in seconds:
-                ratios["counting_vs_quiet"].append(seconds["trainwell_quiet"] / seconds[COUNTING])
-    return {"pairs": pairs, "speed_ratios": ratios} | {
-        f"median_{name}": statistics.median(values) for name, values in ratios.items()
-    }
+            for contender, name in extra.items():
+                ratios[name].append(seconds["trainwell_quiet"] / seconds[contender])
+    shares = NOTEBOOK_SHARES[1:]  # the first round warms up
+    return (
+        {"pairs": pairs, "speed_ratios": ratios}
+        | {f"median_{name}": statistics.median(values) for name, values in ratios.items()}
+        | (
+            {"notebook_display_share": shares, "median_notebook_display_share": statistics.median(shares)}
+            if shares
+            else {}
+        )
+    )
 
 
 def run_worker(contender: str, workload_key: str, samples: int | None, profile_lines: int = 0) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import base64
 import html.parser
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,18 @@ CELLS = {
     "evaluate": "trainwell.evaluate(net, (x, y), loss='cross_entropy', metrics=['accuracy'], batch_size=16,"
     " progress=True)",
 }
+
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def _readme_block(heading: str) -> str:
+    found = re.search(rf"## {heading}\n\n.*?```python\n(.*?)```", README.read_text(), re.DOTALL)
+    assert found is not None
+    return found.group(1)
+
+
+CELLS |= {"readme_quick_start": _readme_block("Quick start"), "readme_notebooks": _readme_block("Notebooks")}
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +184,15 @@ def test_the_live_chart_and_a_resumed_run_and_an_evaluation(executed: tuple[dict
     summary = _only_display(outputs["evaluate"])
     assert summary["text/plain"].startswith("Evaluate  38/38 batches") and "accuracy" in summary["text/plain"]
     assert [output.output_type for output in outputs["evaluate"]] == ["display_data", "execute_result"]
+
+
+@pytest.mark.slow
+def test_the_readme_notebook_example_shows_what_the_readme_says(executed: tuple[dict[str, list[Any]], Path]) -> None:
+    outputs, _ = executed
+    assert [output.output_type for output in outputs["readme_notebooks"]] == ["display_data", "display_data"]
+    board, picture = outputs["readme_notebooks"]
+    assert len(_Table(board.data["text/html"]).rows) == 10 and board.data["text/html"].count("<svg") == 2
+    assert _is_png([picture])
 
 
 class _Recorder:
