@@ -1,4 +1,5 @@
-"""Loggers: ``CSVLogger`` and ``TensorBoard``, which write each epoch's values to files.
+"""Loggers: ``CSVLogger`` and ``TensorBoard``, which write each epoch's values to files, and
+``StepLosses``, the batch loss every N steps read without a host synchronisation per step.
 
 Owns: those files (written by the main process only). Must not change training.
 """
@@ -9,13 +10,79 @@ import csv
 import errno
 import io
 import os
+import socket
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+import torch
+
 from trainwell.callbacks import Callback
-from trainwell.errors import config_error
+from trainwell.errors import check_count, config_error
 from trainwell.files import atomic_write
 from trainwell.run import Run
+
+STEP_KEY = "batch/loss"  # the loss of the batch that completed a logged optimizer step
+READ_EVERY_SECONDS = 5.0
+
+
+def default_log_dir(now: datetime | None = None) -> Path:
+    """TensorBoard's own default folder, ``runs/<Mon DD_HH-MM-SS>_<host>`` in the working directory.
+
+    Example:
+        >>> default_log_dir(datetime(2025, 5, 4, 22, 14, 54)).name.startswith("May04_22-14-54_")
+        True
+    """
+    return Path("runs") / f"{(now or datetime.now()).strftime('%b%d_%H-%M-%S')}_{socket.gethostname()}"
+
+
+class StepLosses:
+    """The batch loss every ``every_n_steps`` optimizer steps, without a host synchronisation per step.
+
+    Each chosen step keeps its loss as a (detached) device tensor; the kept losses are read together,
+    in one transfer, once ``seconds`` have passed since the last read (the host clock is looked at
+    only on the chosen steps) and whenever ``read`` is called (at the end of each epoch). With
+    gradient accumulation only batches that complete an optimizer step count.
+
+    Args:
+        every_n_steps: Keep the loss of every N-th optimizer step (``run.global_step``).
+        seconds: Read the kept losses at most this long after the previous read.
+
+    Example:
+        >>> losses = StepLosses(every_n_steps=10)
+        >>> losses.read()
+        []
+    """
+
+    def __init__(self, every_n_steps: int, seconds: float = READ_EVERY_SECONDS) -> None:
+        check_count("every_n_steps", every_n_steps)
+        self.every_n_steps = every_n_steps
+        self.seconds = seconds
+        self.steps: list[int] = []
+        self.losses: list[torch.Tensor] = []
+        self.read_at = time.monotonic()
+
+    def keep(self, run: Run) -> list[tuple[int, float]]:
+        """At the end of a batch: keep its loss when it completed a chosen step. Returns the kept
+        ``(step, loss)`` pairs when it is time to read them, else ``[]``."""
+        if run.window_batches or run.loss is None or run.global_step % self.every_n_steps:
+            return []
+        self.steps.append(run.global_step)
+        self.losses.append(run.loss.detach().clone())  # a copy: the step may reuse its tensor
+        if time.monotonic() - self.read_at < self.seconds:
+            return []
+        return self.read()
+
+    def read(self) -> list[tuple[int, float]]:
+        """Every kept ``(step, loss)`` pair, read in one transfer, and forget them."""
+        self.read_at = time.monotonic()
+        if not self.losses:
+            return []
+        values = torch.stack(self.losses).float().tolist()
+        pairs = list(zip(self.steps, values, strict=True))
+        self.steps, self.losses = [], []
+        return pairs
 
 
 class CSVLogger(Callback):
@@ -27,12 +94,15 @@ class CSVLogger(Callback):
     or without ``append``.
 
     Args:
-        path: The CSV file.
+        path: The CSV file. None: ``history.csv`` in a new folder ``runs/<Mon DD_HH-MM-SS>_<host>``
+            (TensorBoard's convention; see ``fit(log_to="csv")``), and a resumed run continues the
+            file its checkpoint names.
         append: Add to an existing file (its header is kept) instead of replacing it.
     """
 
-    def __init__(self, path: str | Path, append: bool = False) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path | None = None, append: bool = False) -> None:
+        self.chosen = path is None  # trainwell chose the path: a resumed run takes its checkpoint's
+        self.path = default_log_dir() / "history.csv" if path is None else Path(path)
         self.append = append
         self.file: IO[str] | None = None
         self.writer: Any = None
@@ -42,20 +112,21 @@ class CSVLogger(Callback):
 
     def on_fit_start(self, run: Run) -> None:
         self.kept = None
-        if run.is_main_process:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if run.callback_states is None:  # a resumed run opens the file once its state is known
-                self._open()
+        if run.is_main_process and run.callback_states is None:  # a resumed run opens the file once its state is known
+            self._open()
 
     def state_dict(self) -> dict[str, Any]:
-        """The rows written so far."""
-        return {"rows": self.rows}
+        """The file and the rows written so far."""
+        return {"rows": self.rows, "path": str(self.path)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Keep only the rows written up to the checkpoint."""
+        """Keep only the rows written up to the checkpoint (in its file, when trainwell chose it)."""
         self.kept = int(state["rows"])
+        if self.chosen and "path" in state:
+            self.path = Path(state["path"])
 
     def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         lines: list[list[str]] = []
         if (self.append or self.kept is not None) and self.path.is_file():
             with self.path.open(newline="") as file:
@@ -104,26 +175,60 @@ def _without_following(path: str, flags: int) -> int:
 
 
 class TensorBoard(Callback):
-    """Writes every epoch value (and, when asked, the loss every N steps) as TensorBoard scalars.
+    """Writes every epoch value (and, when asked, the loss every N steps) as TensorBoard scalars,
+    with the epoch (1-based) as the step, and fit's resolved options as the text ``config``.
 
-    Needs the ``tensorboard`` package (``pip install 'trainwell[tensorboard]'``).
+    Needs the ``tensorboard`` package (``pip install 'trainwell[tensorboard]'``). A resumed run
+    continues the same folder; without ``every_n_steps`` the epochs logged after its checkpoint are
+    purged (TensorBoard's ``purge_step``), so each epoch shows once. With ``every_n_steps`` (whose
+    steps count optimizer steps, not epochs) nothing is purged, and an epoch trained again after a
+    resume shows twice.
 
     Args:
-        log_dir: The event-file folder.
-        every_n_steps: Also log the batch loss as ``batch/loss`` every N optimizer steps; each
-            such read is one host synchronisation.
+        log_dir: The event-file folder. None: a new folder ``runs/<Mon DD_HH-MM-SS>_<host>``, as
+            TensorBoard's own ``SummaryWriter`` names it, and a resumed run continues the folder its
+            checkpoint names.
+        every_n_steps: Also log the batch loss as ``batch/loss`` every N optimizer steps (the step
+            is the optimizer step). The losses stay on the device and are read together every few
+            seconds and at each epoch's end: no host synchronisation per step.
     """
 
-    def __init__(self, log_dir: str | Path, every_n_steps: int | None = None) -> None:
-        self.log_dir = Path(log_dir)
+    def __init__(self, log_dir: str | Path | None = None, every_n_steps: int | None = None) -> None:
+        if every_n_steps is not None:
+            check_count("every_n_steps", every_n_steps)
+        self.chosen = log_dir is None  # trainwell chose the folder: a resumed run takes its checkpoint's
+        self.log_dir = default_log_dir() if log_dir is None else Path(log_dir)
         self.every_n_steps = every_n_steps
         self.writer: Any = None
+        self.step_losses: StepLosses | None = None
+        self.purge_step: int | None = None
+        self.config: dict[str, Any] = {}
         if every_n_steps is not None:
             self.on_train_batch_end = self._log_step  # type: ignore[method-assign]
 
     def on_fit_start(self, run: Run) -> None:
+        self.writer, self.purge_step, self.config = None, None, {}
         if not run.is_main_process:
             return
+        self._summary_writer()  # refuses a missing package before training
+        if run.callback_states is None:  # a resumed run opens its folder once its state is known
+            self.config = dict(run.config)
+            self._open()
+        elif self.every_n_steps is None:
+            self.purge_step = run.start_epoch + 1  # the first epoch the resumed run logs
+        if self.every_n_steps is not None:
+            self.step_losses = StepLosses(self.every_n_steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The event-file folder."""
+        return {"log_dir": str(self.log_dir)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the checkpoint's folder, when trainwell chose it."""
+        if self.chosen and "log_dir" in state:
+            self.log_dir = Path(state["log_dir"])
+
+    def _summary_writer(self) -> Any:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -132,21 +237,38 @@ class TensorBoard(Callback):
                 "import tensorboard failed",
                 "pip install 'trainwell[tensorboard]' (or pip install tensorboard).",
             ) from None
-        self.writer = SummaryWriter(str(self.log_dir))
+        return SummaryWriter
+
+    def _open(self) -> Any:
+        if self.writer is None:
+            self.writer = self._summary_writer()(str(self.log_dir), purge_step=self.purge_step)
+            if self.config:
+                table = "\n".join(f"| {key} | {value} |" for key, value in self.config.items())
+                self.writer.add_text("config", f"| option | value |\n|---|---|\n{table}", 0)
+        return self.writer
 
     def _log_step(self, run: Run) -> None:
-        assert self.every_n_steps is not None
-        at_step = run.window_batches == 0  # with gradient accumulation, only once a window is stepped
-        if self.writer is not None and run.loss is not None and at_step and run.global_step % self.every_n_steps == 0:
-            self.writer.add_scalar("batch/loss", run.loss.item(), run.global_step)
+        if self.step_losses is not None:
+            self._write_steps(self.step_losses.keep(run))
+
+    def _write_steps(self, pairs: list[tuple[int, float]]) -> None:
+        for step, value in pairs:
+            self._open().add_scalar(STEP_KEY, value, step)
 
     def on_epoch_end(self, run: Run) -> None:
-        if self.writer is not None:
-            for key, value in run.logs.items():
-                self.writer.add_scalar(key, value, run.epoch + 1)
-            self.writer.flush()
+        if not run.is_main_process:
+            return
+        if self.step_losses is not None:
+            self._write_steps(self.step_losses.read())
+        writer = self._open()
+        for key, value in run.logs.items():
+            writer.add_scalar(key, value, run.epoch + 1)
+        writer.flush()
 
     def on_fit_end(self, run: Run) -> None:
+        if self.step_losses is not None and run.is_main_process:
+            self._write_steps(self.step_losses.read())  # the steps of an epoch that did not end
+        self.step_losses = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -166,6 +166,9 @@ class Run:
         is_main_process: True on the process that prints and writes files.
         rank / world_size: This process's rank and the number of processes (0 and 1 outside torchrun).
         reduce: Sums a 1-D tensor across processes; None in a single process.
+        config: ``fit``'s options as resolved (the optimizer and the lr it uses, the device, the
+            seed, the batch size, the model's class and parameter count, the number of training
+            samples, ...): what trackers log as the run's parameters. Empty outside ``fit``.
     """
 
     model: nn.Module
@@ -212,6 +215,7 @@ class Run:
     rank: int = 0
     world_size: int = 1
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
 
     def running_logs(self) -> dict[str, float]:
         """The current pass's averages so far (one device-to-host copy; the display calls it
