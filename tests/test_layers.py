@@ -12,7 +12,7 @@ LAYERS = [
     {"__init__", "__main__", "cli", "datasets", "lr_finder", "summary", "report"},
     {"api"},
     {"loop", "doctor", "folder"},
-    {"progress", "weights", "checkpoints", "callbacks", "schedules", "loggers"},
+    {"progress", "weights", "checkpoints", "callbacks", "schedules", "loggers", "trackers"},
     {"run", "history"},
     {"batches", "objective"},
     {"data", "losses", "metrics", "models", "optimizers", "precision", "distributed", "plots", "outputs"},
@@ -24,6 +24,7 @@ LAYERS = [
 ALLOWED_SIBLINGS = {
     ("progress", "callbacks"), ("weights", "callbacks"), ("checkpoints", "callbacks"), ("checkpoints", "weights"),
     ("schedules", "callbacks"), ("loggers", "callbacks"), ("loggers", "weights"), ("run", "history"),
+    ("trackers", "callbacks"), ("trackers", "loggers"), ("trackers", "weights"),
 }  # fmt: skip
 
 
@@ -76,10 +77,10 @@ def test_no_grab_bag_modules() -> None:
 def test_public_names() -> None:
     assert set(trainwell.__all__) == {
         "CSVLogger", "Callback", "ConfigError", "DataError", "EarlyStopping", "Evaluation", "History",
-        "LRFinderResult", "LRScheduler", "LambdaCallback", "ModelCheckpoint", "ModelSummary", "Report", "Run",
-        "StepResult", "TensorBoard", "classification_report",
+        "LRFinderResult", "LRScheduler", "LambdaCallback", "MLflowLogger", "ModelCheckpoint", "ModelSummary", "Report",
+        "Run", "StepResult", "TensorBoard", "classification_report",
         "TerminateOnNaN",
-        "TrainingInterrupted", "TrainwellWarning",
+        "TrainingInterrupted", "TrainwellWarning", "WandbLogger",
         "TrainwellError", "__version__", "compute_loss", "evaluate", "find_lr", "fit", "load_weights",
         "optimizer_step", "plot_confusion_matrix", "predict", "save_weights", "structured", "summary", "train_step",
     }  # fmt: skip

@@ -19,6 +19,7 @@ from trainwell.report import Report, classification_report
 from trainwell.run import Run, StepResult
 from trainwell.schedules import LRScheduler
 from trainwell.summary import ModelSummary, summary
+from trainwell.trackers import MLflowLogger, WandbLogger
 from trainwell.weights import ModelCheckpoint, load_weights, save_weights
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "LRFinderResult",
     "LRScheduler",
     "LambdaCallback",
+    "MLflowLogger",
     "ModelCheckpoint",
     "ModelSummary",
     "Report",
@@ -43,6 +45,7 @@ __all__ = [
     "TrainingInterrupted",
     "TrainwellError",
     "TrainwellWarning",
+    "WandbLogger",
     "__version__",
     "classification_report",
     "compute_loss",

@@ -69,6 +69,7 @@ from trainwell.progress import ProgressDisplay, choose_mode, choose_pass_mode
 from trainwell.run import Run, StepFn
 from trainwell.schedules import LRScheduler, check_scheduler, scheduler_callback
 from trainwell.structures import map_tensors
+from trainwell.trackers import LogTo, check_log_to, trackers_for
 
 Progress = bool | Literal["auto"]
 FitProgress = bool | Literal["auto", "plot"]
@@ -106,6 +107,7 @@ def fit(
     resume: bool | Literal["auto"] | str | Path = False,
     device: str | torch.device = "auto",
     progress: FitProgress = "auto",
+    log_to: LogTo = None,
     seed: int | None = None,
     **optimizer_options: Any,
 ) -> History:
@@ -185,6 +187,15 @@ def fit(
             epochs, the best value of each column in bold), True (the live line even when the
             output is not a terminal), ``"plot"`` (in a notebook, also a live chart of the loss
             and metrics; elsewhere as ``"auto"``), or False (print nothing).
+        log_to: Experiment trackers to log the run to: ``"mlflow"``, ``"wandb"``, ``"tensorboard"``,
+            ``"csv"``, a list of them, or logger objects for full control (``trainwell.MLflowLogger``,
+            ``WandbLogger``, ``TensorBoard``, ``CSVLogger``). A name takes the tracker's own
+            configuration (``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``; ``WANDB_PROJECT``,
+            ``WANDB_MODE``, ...); ``"tensorboard"`` and ``"csv"`` write to a new folder
+            ``runs/<Mon DD_HH-MM-SS>_<host>``. Trackers log the resolved options as parameters,
+            every epoch's values, and at the end the History and the weights; only rank 0 logs;
+            a resumed fit continues the same tracked run; a tracker that fails warns once and
+            training goes on. None (the default) logs nowhere.
         seed: Makes the data order, ``val_split`` and torch's random numbers (dropout)
             reproducible; it seeds torch's global generator.
         **optimizer_options: Extra arguments of a named optimizer, e.g. ``momentum=0.9``.
@@ -215,7 +226,7 @@ def fit(
         precision=precision, compile=compile, grad_accum_steps=grad_accum_steps, clip_grad_norm=clip_grad_norm,
         clip_grad_value=clip_grad_value, class_weight=class_weight, terminate_on_nan=terminate_on_nan, step=step,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, device=device,
-        progress=progress, seed=seed, optimizer_options=optimizer_options,
+        progress=progress, log_to=log_to, seed=seed, optimizer_options=optimizer_options,
     )  # fmt: skip
     checked = options.check(model)  # every option, before any side effect
     job = distributed.setup()  # first: in a job, no process touches files before all have joined
@@ -294,7 +305,9 @@ def _fit(
         rank=0 if job is None else job.rank,
         world_size=1 if job is None else job.world_size,
         reduce=None if job is None else distributed.all_reduce_sum,
-    )
+        config=_resolved_options(options, model, built_optimizer, train_batches, val_batches, train_tally, seed,
+                                 target, job),
+    )  # fmt: skip
     if state is not None:
         if _already_done(run, state):
             return run.history
@@ -306,6 +319,67 @@ def _fit(
     ):
         loop.fit_loop(run)
     return run.history
+
+
+def _resolved_options(
+    options: FitOptions,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: Batches,
+    val: Batches | None,
+    tally: Tally,
+    seed: int,
+    device: torch.device,
+    job: distributed.Distributed | None,
+) -> dict[str, Any]:
+    """``run.config``: fit's options as the run resolved them (trackers log them as parameters)."""
+    group = {key: value for key, value in optimizer.param_groups[0].items() if key != "params"}
+    hyperparameters = {
+        f"optimizer_{key}": value
+        for key, value in group.items()
+        if key not in _IMPLEMENTATION_FLAGS and isinstance(value, _PLAIN)
+    }
+    metrics = [slot.name for slot in tally.slots]
+    return {
+        "model": type(model).__name__,
+        "parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "trainable_parameters": sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad),
+        "train_samples": train.num_samples,
+        "val_samples": None if val is None else val.num_samples,
+        "epochs": options.epochs,
+        "batch_size": train.batch_size,
+        "optimizer": type(optimizer).__name__,
+        "lr": group.get("lr"),
+        **hyperparameters,
+        "loss": _name_of(options.loss) if options.step is None or options.loss is not None else "custom step",
+        "metrics": ", ".join(metrics),
+        "scheduler": None if options.scheduler is None else _name_of(options.scheduler),
+        "precision": options.precision,
+        "grad_accum_steps": options.grad_accum_steps,
+        "clip_grad_norm": options.clip_grad_norm,
+        "clip_grad_value": options.clip_grad_value,
+        "seed": seed,
+        "device": str(device),
+        "world_size": 1 if job is None else job.world_size,
+        "compile": options.compile,
+    }
+
+
+_PLAIN = (bool, int, float, str, tuple)
+_IMPLEMENTATION_FLAGS = ("lr", "foreach", "fused", "capturable", "differentiable")  # how torch steps, not what
+
+
+def _name_of(value: Any) -> str:
+    """A short name of a loss, metric or scheduler as given: a name, a class, a function."""
+    if value is None:
+        return "the model's own loss"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        return ", ".join(f"{key}: {_name_of(item)}" for key, item in value.items())
+    if isinstance(value, Sequence):
+        return ", ".join(_name_of(item) for item in value)
+    return str(getattr(value, "__name__", type(value).__name__))
 
 
 @dataclass(frozen=True)
@@ -340,6 +414,7 @@ class FitOptions:
     resume: bool | str | Path
     device: str | torch.device
     progress: FitProgress
+    log_to: LogTo
     seed: int | None
     optimizer_options: Mapping[str, Any]
 
@@ -354,6 +429,7 @@ class FitOptions:
         self._check_validation()
         self._check_step()
         self._check_checkpointing()
+        check_log_to(self.log_to)
         check_lr(self.lr)
         if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
             raise unknown_name_error("optimizer", self.optimizer, OPTIMIZERS)
@@ -498,6 +574,8 @@ def _built_in_callbacks(options: FitOptions, train: Batches, has_val: bool, devi
         )
     if options.terminate_on_nan is True or (options.terminate_on_nan == "auto" and device.type == "cpu"):
         added.append(TerminateOnNaN())
+    # Trackers before the Checkpointer: the checkpoint of an epoch records that it was logged.
+    added += trackers_for(options.log_to)
     if options.checkpoint_dir is not None:
         added.append(Checkpointer(Path(options.checkpoint_dir), options.checkpoint_every))
     return added

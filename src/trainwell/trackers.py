@@ -1,0 +1,627 @@
+"""Experiment trackers: ``MLflowLogger`` and ``WandbLogger``, and what ``fit(log_to=...)`` accepts.
+
+Owns: every call into mlflow and wandb, each made on one worker thread per tracker, so that
+training never waits on a tracking server; a tracker that fails warns once and stops logging.
+Must not change or stop training, and imports mlflow and wandb only when one is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import queue
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from trainwell.callbacks import Callback
+from trainwell.errors import TrainingInterrupted, check_count, config_error, describe, unknown_name_error, warn
+from trainwell.history import History
+from trainwell.loggers import STEP_KEY, CSVLogger, StepLosses, TensorBoard, default_log_dir
+from trainwell.run import Run
+from trainwell.weights import save_weights
+
+LogTo = str | Callback | Sequence[str | Callback] | None
+TRACKERS = ("csv", "mlflow", "tensorboard", "wandb")  # log_to's names
+MAX_QUEUED = 10_000  # calls waiting for a tracker's thread: past it, the tracker is not keeping up
+RUN_TAG = "trainwell.run"  # the MLflow tag that finds a run again when its id was not known at a checkpoint
+
+
+def require(package: str, user: str) -> Any:
+    """Import ``package`` for ``user``, or raise the error that names its extra.
+
+    Raises:
+        ConfigError: The package is not installed.
+    """
+    try:
+        return importlib.import_module(package)
+    except ImportError as error:
+        raise config_error(
+            f"{user} needs the {package} package, which is not installed.",
+            f"import {package} failed ({error})",
+            f"pip install 'trainwell[{package}]' (or pip install {package}).",
+        ) from None
+
+
+def check_log_to(log_to: Any) -> None:
+    """Check ``fit``'s ``log_to`` (and that each named tracker's library is installed) before any work.
+
+    Raises:
+        ConfigError: An unknown name, a name given twice, an entry that is not a logger, or a
+            tracker whose library is missing (naming the extra to install).
+
+    Example:
+        >>> check_log_to(["csv"])
+    """
+    for entry in _entries(log_to):
+        if isinstance(entry, str):
+            if entry not in TRACKERS:
+                raise unknown_name_error("log_to", entry, TRACKERS)
+            if entry in ("mlflow", "wandb", "tensorboard"):
+                require(entry, f"log_to={entry!r}")
+        elif not isinstance(entry, (Tracker, CSVLogger, TensorBoard)):
+            raise config_error(
+                "log_to takes tracker names or logger objects.",
+                f"log_to entry {describe(entry)}",
+                "pass 'mlflow', 'wandb', 'tensorboard', 'csv', a list of them, or trainwell.MLflowLogger(...), "
+                "WandbLogger(...), TensorBoard(...), CSVLogger(...); other callbacks go in callbacks=.",
+            )
+    names = [entry for entry in _entries(log_to) if isinstance(entry, str)]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        raise config_error(
+            f"log_to names {twice!r} twice.",
+            f"log_to={log_to!r}",
+            f"name each tracker once: log_to={sorted(set(names))}.",
+        )
+
+
+def _entries(log_to: Any) -> list[Any]:
+    if log_to is None:
+        return []
+    if isinstance(log_to, (str, Callback)):
+        return [log_to]
+    if isinstance(log_to, Sequence):
+        return list(log_to)
+    raise config_error(
+        "log_to must be a tracker name, a logger object, or a list of them.",
+        f"log_to={describe(log_to)}",
+        "pass e.g. log_to='mlflow', log_to=['mlflow', 'csv'] or log_to=trainwell.MLflowLogger(experiment='name').",
+    )
+
+
+def trackers_for(log_to: LogTo) -> list[Callback]:
+    """The loggers ``log_to`` asks for (checked by ``check_log_to``): a name builds one
+    configured as its users configure that tracker; logger objects are used as given.
+
+    ``"tensorboard"`` and ``"csv"`` write to one new folder, ``runs/<Mon DD_HH-MM-SS>_<host>``
+    (TensorBoard's own default), the CSV as ``history.csv`` there.
+    """
+    folder = default_log_dir()
+    built: list[Callback] = []
+    for entry in _entries(log_to):
+        if entry == "mlflow":
+            built.append(MLflowLogger())
+        elif entry == "wandb":
+            built.append(WandbLogger())
+        elif entry == "tensorboard":
+            board = TensorBoard()
+            board.log_dir = folder  # the same folder as the CSV's, whichever second each was built in
+            built.append(board)
+        elif entry == "csv":
+            logger = CSVLogger()
+            logger.path = folder / "history.csv"
+            built.append(logger)
+        else:
+            built.append(entry)
+    return built
+
+
+class Worker:
+    """One daemon thread that makes a tracker's calls in order; the training thread only queues them.
+
+    Why a thread of our own, rather than MLflow's ``synchronous=False``: that covers metric calls
+    only, while creating the run, its parameters and the artifacts still block, and MLflow's HTTP
+    client retries a dead server with backoff for minutes; W&B's ``init`` and ``finish`` block too.
+    Changing the libraries' retry settings (environment variables) would change them for the user's
+    own calls as well. Here every library call runs on this thread, training never waits on one,
+    and ``fit``'s end waits for what is queued at most ``timeout`` seconds.
+
+    Attributes:
+        error: The first exception a call raised; later calls are skipped.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.calls: queue.Queue[Callable[[], None] | None] = queue.Queue(MAX_QUEUED)
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name=f"trainwell-{name}", daemon=True)
+        self.thread.start()
+
+    def submit(self, call: Callable[[], None]) -> None:
+        """Queue ``call`` (dropped once a call has failed)."""
+        if self.error is not None:
+            return
+        try:
+            self.calls.put_nowait(call)
+        except queue.Full:
+            self.error = RuntimeError(f"{MAX_QUEUED} calls are waiting: the tracker does not keep up with training")
+
+    def close(self, timeout: float) -> bool:
+        """Let the queued calls run; whether they all ran within ``timeout`` seconds."""
+        try:
+            self.calls.put(None, timeout=timeout)
+        except queue.Full:
+            return False
+        return self.done.wait(timeout)
+
+    def _serve(self) -> None:
+        while (call := self.calls.get()) is not None:
+            if self.error is None:
+                try:
+                    call()
+                except BaseException as error:  # any failure of the library: reported by the training thread
+                    self.error = error
+        self.done.set()
+
+
+class Tracker(Callback):
+    """Base of the experiment trackers: what they log, and when, on the main process only.
+
+    - At the first epoch: the run (a new one, or a resumed fit's own: its id is in the training
+      checkpoint), with ``run.config`` (``fit``'s resolved options) as its parameters.
+    - At each epoch's end: every value of ``run.logs``, with the 1-based epoch as the step; with
+      ``every_n_steps``, also the batch loss as ``batch/loss`` every N optimizer steps (the step is
+      the optimizer step), read from the device every few seconds, never once per step.
+    - At ``fit``'s end: ``history.csv`` (the History) and, with ``log_weights``, ``weights.pt``: the
+      weights ``fit`` hands back (the best epoch's when EarlyStopping restores them), as a
+      ``trainwell.load_weights`` file. A ModelCheckpoint's files stay where it wrote them.
+
+    A resumed fit continues the tracked run and offers again the epochs of the History the
+    tracker may have missed. Trackers come before the checkpoint in ``fit``'s callbacks, so an
+    epoch's checkpoint follows its logging; a run killed between the two trains that epoch again
+    after resuming. MLflow, and W&B online, say which epochs and steps they hold, and those are not
+    logged again, so each shows once; offline W&B cannot tell, and such an epoch (and its steps)
+    shows in both of its offline files.
+
+    Any exception from the tracking library warns once, names the tracker and the error, and
+    stops logging for the run; training goes on. Calls run on a thread of their own (``Worker``),
+    so a slow or dead server never stalls training; ``fit``'s end waits for them at most ``timeout``
+    seconds.
+    """
+
+    label = "tracker"
+    package = ""
+
+    def __init__(self, every_n_steps: int | None, log_weights: bool, timeout: float) -> None:
+        require(self.package, type(self).__name__)
+        if every_n_steps is not None:
+            check_count("every_n_steps", every_n_steps)
+            self.on_train_batch_end = self._log_steps  # type: ignore[method-assign]
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise config_error(
+                "timeout must be a number of seconds > 0.", f"timeout={timeout!r}", "pass e.g. timeout=30."
+            )
+        self.every_n_steps = every_n_steps
+        self.log_weights = log_weights
+        self.timeout = float(timeout)
+        self.worker: Worker | None = None
+        self.step_losses: StepLosses | None = None
+        self.history = History()
+        self.config: dict[str, Any] = {}
+        self.saved: dict[str, Any] | None = None
+        self.started = False
+        self.warned = False
+        self.logged_epochs = 0  # epochs the library took (set by the worker)
+        self.run_id: str | None = None
+
+    # --- the training thread ---
+
+    def on_fit_start(self, run: Run) -> None:
+        self.worker, self.saved, self.started, self.warned, self.logged_epochs = None, None, False, False, 0
+        if not run.is_main_process:
+            return
+        try:
+            self.prepare(run)
+        except Exception as error:
+            self._warn(error)
+            return
+        self.history, self.config = run.history, dict(run.config)
+        self.step_losses = None if self.every_n_steps is None else StepLosses(self.every_n_steps)
+        self.worker = Worker(self.label)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the tracked run of the checkpoint."""
+        self.saved = dict(state)
+
+    def on_epoch_start(self, run: Run) -> None:
+        if self.worker is None or self.started:
+            return
+        self.started = True  # the first epoch of this fit: a resumed one's state is known now
+        saved = self.saved
+        self._submit(lambda: self.open(saved))
+        offered = self.first_offered_epoch(saved)
+        for epoch in range(offered, self.history.epochs):  # epochs the tracked run may lack
+            row = {key: values[epoch] for key, values in self.history.items() if epoch < len(values)}
+            self._submit_epoch(epoch + 1, row)
+
+    def _log_steps(self, run: Run) -> None:
+        if self.worker is not None and self.step_losses is not None:
+            pairs = self.step_losses.keep(run)
+            if pairs:
+                self._submit_steps(pairs)
+
+    def on_epoch_end(self, run: Run) -> None:
+        if self.worker is None:
+            return
+        if self.step_losses is not None:
+            self._submit_steps(self.step_losses.read())
+        self._submit_epoch(run.epoch + 1, dict(run.logs))
+        self._check()
+
+    def on_fit_end(self, run: Run) -> None:
+        worker, self.worker = self.worker, None
+        if worker is None:
+            return
+        folder = Path(tempfile.mkdtemp(prefix="trainwell-"))
+        try:
+            if self.started:
+                self._finish(run, worker, folder)
+            if worker.close(self.timeout):
+                self._check(worker)
+            elif not self.warned:
+                self.warned = True
+                warn(
+                    f"{self.label} did not finish within {self.timeout:g} s (timeout=): stopped waiting for it. The "
+                    "run's last values, history.csv and weights.pt may be missing there; training itself is complete."
+                )
+                return  # the worker removes the folder if it ever gets there
+        except Exception as error:
+            self._warn(error)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def _finish(self, run: Run, worker: Worker, folder: Path) -> None:
+        if self.step_losses is not None:
+            self._submit_steps(self.step_losses.read(), worker)  # an epoch that did not end
+        failure = sys.exc_info()[1]  # on_fit_end runs inside fit's exception handler when it failed
+        status = "FINISHED" if failure is None else "KILLED" if isinstance(failure, TrainingInterrupted) else "FAILED"
+        self.history.to_csv(folder / "history.csv")
+        weights = save_weights(run.module, folder / "weights.pt") if self.log_weights else None
+
+        def finish() -> None:
+            try:
+                self.finish(folder / "history.csv", weights, status)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+        worker.submit(finish)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tracked run, for a resumed fit to continue it."""
+        return {"run_id": self.run_id, "epochs": self.logged_epochs}
+
+    def _submit_epoch(self, epoch: int, logs: dict[str, float]) -> None:
+        stamp = time.time()
+        self._submit(lambda: self.log_epoch(epoch, logs, stamp))
+
+    def _submit_steps(self, pairs: list[tuple[int, float]], worker: Worker | None = None) -> None:
+        if pairs:
+            stamp = time.time()
+            self._submit(lambda: self.log_steps(pairs, stamp), worker)
+
+    def _submit(self, call: Callable[[], None], worker: Worker | None = None) -> None:
+        worker = worker or self.worker
+        if worker is not None:
+            worker.submit(call)
+            if worker.error is not None:
+                self._check(worker)
+
+    def _check(self, worker: Worker | None = None) -> None:
+        """Warn once when the tracker's thread failed, and stop logging."""
+        worker = worker or self.worker
+        if worker is not None and worker.error is not None:
+            self._warn(worker.error)
+            worker.close(0)  # lets its thread end once its current call returns
+
+    def _warn(self, error: BaseException) -> None:
+        self.worker = None
+        if self.warned:
+            return
+        self.warned = True
+        text = " ".join(str(error).split())
+        warn(
+            f"{self.label} logging failed and is off for the rest of this run; training goes on. "
+            f"{type(error).__name__}: {text[:400]}{'...' if len(text) > 400 else ''}"
+        )
+
+    # --- what each tracker implements ---
+
+    def prepare(self, run: Run) -> None:
+        """Read, in the training thread, the configuration the library keeps there."""
+
+    def first_offered_epoch(self, saved: dict[str, Any] | None) -> int:
+        """The first epoch (0-based) of the History offered again when the tracker starts."""
+        return 0 if saved is None else int(saved.get("epochs", 0))
+
+    def open(self, saved: dict[str, Any] | None) -> None:
+        """Start the tracked run, or continue ``saved``'s (on the worker thread)."""
+        raise NotImplementedError
+
+    def log_epoch(self, epoch: int, logs: dict[str, float], stamp: float) -> None:
+        """Log one epoch's values (on the worker thread)."""
+        raise NotImplementedError
+
+    def log_steps(self, pairs: list[tuple[int, float]], stamp: float) -> None:
+        """Log ``(optimizer step, batch loss)`` pairs (on the worker thread)."""
+        raise NotImplementedError
+
+    def finish(self, history: Path, weights: Path | None, status: str) -> None:
+        """Log the artifacts and end the tracked run (on the worker thread)."""
+        raise NotImplementedError
+
+
+class MLflowLogger(Tracker):
+    """Logs a fit to MLflow: parameters, per-epoch metrics, optionally the loss every N steps, and
+    ``history.csv`` and ``weights.pt`` as artifacts (see ``Tracker`` for what and when).
+
+    Without arguments it uses MLflow's own configuration: the tracking URI of
+    ``mlflow.set_tracking_uri`` or ``MLFLOW_TRACKING_URI`` (else MLflow's default store), and the
+    experiment of ``mlflow.set_experiment``, ``MLFLOW_EXPERIMENT_NAME`` or ``MLFLOW_EXPERIMENT_ID``
+    (else MLflow's default experiment). It creates its own run with ``MlflowClient`` and leaves
+    the user's active run alone. A resumed fit continues the run (also one whose id was not yet
+    known when the checkpoint was written: it is found by its ``trainwell.run`` tag), and logs
+    only the epochs and steps MLflow does not hold yet, so each appears once.
+
+    Needs ``pip install 'trainwell[mlflow]'``.
+
+    Args:
+        experiment: The experiment's name (created when missing).
+        run_name: The run's name (MLflow picks one when None).
+        tracking_uri: Where to log, e.g. ``"http://localhost:5000"`` or ``"sqlite:///mlflow.db"``.
+        tags: The run's tags.
+        every_n_steps: Also log the batch loss every N optimizer steps.
+        log_weights: Log the final weights as ``weights.pt``.
+        timeout: The most seconds ``fit``'s end waits for MLflow to take what is still queued.
+
+    Raises:
+        ConfigError: mlflow is not installed, or an invalid argument.
+
+    Example:
+        >>> logger = MLflowLogger(experiment="digits", run_name="baseline", tags={"team": "vision"})
+    """
+
+    label = "MLflow"
+    package = "mlflow"
+
+    def __init__(
+        self,
+        experiment: str | None = None,
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        tags: dict[str, str] | None = None,
+        every_n_steps: int | None = None,
+        log_weights: bool = True,
+        timeout: float = 30.0,
+    ) -> None:
+        super().__init__(every_n_steps, log_weights, timeout)
+        self.experiment = experiment
+        self.run_name = run_name
+        self.tracking_uri = tracking_uri
+        self.tags = dict(tags or {})
+        self.uri = ""
+        self.active_experiment: str | None = None
+        self.key = ""
+        self.client: Any = None
+        self.held: dict[str, int] = {}  # a resumed run's last step of each key in MLflow
+
+    def prepare(self, run: Run) -> None:
+        mlflow = require("mlflow", "MLflowLogger")
+        self.uri = self.tracking_uri or mlflow.get_tracking_uri()
+        self.active_experiment = getattr(
+            importlib.import_module("mlflow.tracking.fluent"), "_active_experiment_id", None
+        )
+        self.key, self.run_id, self.client, self.held = secrets.token_hex(16), None, None, {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the tracked run of the checkpoint."""
+        super().load_state_dict(state)
+        self.key, self.run_id = state.get("key") or self.key, state.get("run_id")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tracked run's id (or, before MLflow gave it, the tag that finds it)."""
+        return super().state_dict() | {"key": self.key}
+
+    def first_offered_epoch(self, saved: dict[str, Any] | None) -> int:
+        return 0  # MLflow says which epochs it holds: every other one of the History is logged
+
+    def open(self, saved: dict[str, Any] | None) -> None:
+        mlflow = importlib.import_module("mlflow")
+        client = mlflow.MlflowClient(tracking_uri=self.uri)
+        experiment = self._experiment(client)
+        run_id = self.run_id
+        if run_id is None and saved is not None:
+            found = client.search_runs([experiment], filter_string=f"tags.`{RUN_TAG}` = '{self.key}'", max_results=1)
+            run_id = found[0].info.run_id if found else None
+        params = {key: _param(value) for key, value in self.config.items()}
+        if run_id is not None:
+            held = client.get_run(run_id).data.params
+            params = {key: value for key, value in params.items() if key not in held}  # MLflow's are immutable
+            self.held = {key: _last_step(client, run_id, key) for key in [*self.history, STEP_KEY]}
+            client.update_run(run_id, status="RUNNING")
+        else:
+            created = client.create_run(experiment, run_name=self.run_name, tags=self.tags | {RUN_TAG: self.key})
+            run_id = created.info.run_id
+        self.client, self.run_id = client, run_id
+        entities = importlib.import_module("mlflow.entities")
+        items = [entities.Param(key, value) for key, value in params.items()]
+        for start in range(0, len(items), 100):  # MLflow's batch limit
+            client.log_batch(run_id, params=items[start : start + 100])
+
+    def _experiment(self, client: Any) -> str:
+        name = self.experiment
+        if name is None:
+            if self.active_experiment:
+                return self.active_experiment
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+            if name is None:
+                return os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"  # MLflow's Default experiment
+        found = client.get_experiment_by_name(name)
+        return str(found.experiment_id) if found is not None else str(client.create_experiment(name))
+
+    def log_epoch(self, epoch: int, logs: dict[str, float], stamp: float) -> None:
+        self._log_metrics([(key, value, epoch) for key, value in logs.items()], stamp)
+        self.logged_epochs = max(self.logged_epochs, epoch)
+
+    def log_steps(self, pairs: list[tuple[int, float]], stamp: float) -> None:
+        self._log_metrics([(STEP_KEY, value, step) for step, value in pairs], stamp)
+
+    def _log_metrics(self, values: list[tuple[str, float, int]], stamp: float) -> None:
+        metric = importlib.import_module("mlflow.entities").Metric
+        milliseconds = int(stamp * 1000)
+        items = [
+            metric(key, float(value), milliseconds, step) for key, value, step in values if step > self.held.get(key, 0)
+        ]
+        for start in range(0, len(items), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+
+    def finish(self, history: Path, weights: Path | None, status: str) -> None:
+        self.client.log_artifact(self.run_id, str(history))
+        if weights is not None:
+            self.client.log_artifact(self.run_id, str(weights))
+        self.client.set_terminated(self.run_id, status)
+
+
+def _param(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 500 else text[:497] + "..."  # older MLflow servers take 500 characters
+
+
+def _last_step(client: Any, run_id: str, key: str) -> int:
+    return max((metric.step for metric in client.get_metric_history(run_id, key)), default=0)
+
+
+class WandbLogger(Tracker):
+    """Logs a fit to Weights & Biases: the config, per-epoch values (against ``epoch``), optionally
+    the loss every N steps (against ``global_step``), ``history.csv`` as a run file and the
+    weights as a ``model`` artifact (see ``Tracker`` for what and when).
+
+    Without arguments W&B's own configuration applies (``WANDB_PROJECT``, ``WANDB_MODE``,
+    ``WANDB_DIR``, ``WANDB_ENTITY``, ...). The run's id is chosen before it starts, so every
+    checkpoint holds it and a resumed fit continues the run (``resume="allow"``). Runs are
+    created beside any run of the user's (``reinit="create_new"``), not in place of it.
+
+    Needs ``pip install 'trainwell[wandb]'``.
+
+    Args:
+        project: The project.
+        name: The run's display name.
+        entity: The team or user.
+        tags: The run's tags.
+        group: The run's group.
+        mode: ``"online"``, ``"offline"`` or ``"disabled"``.
+        dir: The folder of W&B's local files.
+        every_n_steps: Also log the batch loss every N optimizer steps.
+        log_weights: Log the final weights as an artifact.
+        timeout: The most seconds ``fit``'s end waits for W&B to take what is still queued.
+        **init_options: Further ``wandb.init`` keywords (``notes``, ``job_type``, ...).
+
+    Raises:
+        ConfigError: wandb is not installed, or an invalid argument.
+
+    Example:
+        >>> logger = WandbLogger(project="digits", name="baseline", mode="offline")
+    """
+
+    label = "W&B"
+    package = "wandb"
+
+    def __init__(
+        self,
+        project: str | None = None,
+        name: str | None = None,
+        entity: str | None = None,
+        tags: Sequence[str] | None = None,
+        group: str | None = None,
+        mode: str | None = None,
+        dir: str | Path | None = None,
+        every_n_steps: int | None = None,
+        log_weights: bool = True,
+        timeout: float = 30.0,
+        **init_options: Any,
+    ) -> None:
+        super().__init__(every_n_steps, log_weights, timeout)
+        chosen = {"project": project, "name": name, "entity": entity, "tags": None if tags is None else list(tags),
+                  "group": group, "mode": mode, "dir": None if dir is None else str(dir)}  # fmt: skip
+        self.init_options = {key: value for key, value in chosen.items() if value is not None} | init_options
+        self.wandb_run: Any = None
+        self.defined: set[str] = set()
+        self.held = {"epoch": 0, "global_step": 0}  # a resumed run's last epoch and step in W&B
+
+    def prepare(self, run: Run) -> None:
+        self.run_id, self.wandb_run, self.defined = secrets.token_hex(4), None, set()
+        self.held = {"epoch": 0, "global_step": 0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the tracked run of the checkpoint."""
+        super().load_state_dict(state)
+        self.run_id = state.get("run_id") or self.run_id
+
+    def open(self, saved: dict[str, Any] | None) -> None:
+        wandb = importlib.import_module("wandb")
+        options: dict[str, Any] = {"id": self.run_id, "resume": "allow", "config": self.config}
+        if _version(wandb.__version__) >= (0, 19, 10):
+            options["reinit"] = "create_new"  # beside the user's own run, which stays as it is
+        self.wandb_run = wandb.init(**(options | self.init_options))
+        if saved is not None:
+            self.wandb_run.config.update(self.config, allow_val_change=True)
+            # Online, W&B gives a resumed run its summary: the last epoch and step it holds are not
+            # logged again. Offline there is none, and the epochs logged after the checkpoint may
+            # appear twice.
+            summary = self.wandb_run.summary
+            self.held = {key: int(summary.get(key) or 0) for key in self.held}
+        self.wandb_run.define_metric("epoch")
+        self.wandb_run.define_metric("global_step")
+
+    def _define(self, key: str, step: str) -> None:
+        if key not in self.defined:
+            self.defined.add(key)
+            self.wandb_run.define_metric(key, step_metric=step)
+
+    def log_epoch(self, epoch: int, logs: dict[str, float], stamp: float) -> None:
+        if epoch > self.held["epoch"]:
+            for key in logs:
+                self._define(key, "epoch")
+            self.wandb_run.log({"epoch": epoch, **logs})
+        self.logged_epochs = max(self.logged_epochs, epoch)
+
+    def log_steps(self, pairs: list[tuple[int, float]], stamp: float) -> None:
+        self._define(STEP_KEY, "global_step")
+        for step, value in pairs:
+            if step > self.held["global_step"]:
+                self.wandb_run.log({"global_step": step, STEP_KEY: value})
+
+    def finish(self, history: Path, weights: Path | None, status: str) -> None:
+        wandb = importlib.import_module("wandb")
+        run = self.wandb_run
+        copy = Path(run.dir) / history.name  # in the run's folder: saved as a copy, not a link to a temporary file
+        shutil.copyfile(history, copy)
+        run.save(str(copy), base_path=run.dir, policy="now")
+        if weights is not None:
+            artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={"epochs": self.history.epochs})
+            artifact.add_file(str(weights))
+            run.log_artifact(artifact)
+        run.finish(exit_code=0 if status == "FINISHED" else 1)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split(".")[:3]:
+        digits = "".join(character for character in part if character.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)

@@ -1,0 +1,484 @@
+"""fit(log_to=...): real MLflow (one sqlite store per session) and W&B (offline) runs read back
+through their own clients and files; a dead server, a failing store, a SIGKILL and resume,
+torchrun's rank 0, and the refusals. No tracking library is mocked."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import trainwell as tw
+from test_loop import count_host_syncs
+from trainwell.history import TIME_KEYS
+from trainwell.loggers import STEP_KEY
+
+from conftest import blobs, make_mlp, without_time
+
+TESTS = Path(__file__).parent
+FIT = {"loss": "cross_entropy", "epochs": 3, "metrics": ["accuracy"], "val_split": 0.2, "seed": 0, "progress": False}
+
+
+def trainwell_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(warning.message) for warning in caught if issubclass(warning.category, tw.TrainwellWarning)]
+
+
+# --- MLflow ---
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One sqlite store for the session (creating its tables takes seconds); each test uses an
+    experiment of its own. Artifacts of new experiments go under the folder of the first client."""
+    pytest.importorskip("mlflow", reason="the MLflow tracker needs the optional mlflow package")
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    before = Path.cwd()
+    os.chdir(folder)  # MLflow resolves its default artifact folder, ./mlruns, once per store
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments()
+    finally:
+        os.chdir(before)
+    return uri
+
+
+def experiment_runs(uri: str, name: str) -> list[Any]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None, name
+    return list(client.search_runs([experiment.experiment_id]))
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow import MlflowClient
+
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)
+    return sorted((metric.step, metric.value) for metric in history)
+
+
+def artifact(uri: str, run_id: str, name: str, into: Path) -> Path:
+    from mlflow import MlflowClient
+
+    return Path(MlflowClient(tracking_uri=uri).download_artifacts(run_id, name, str(into)))
+
+
+def test_mlflow_by_name_logs_resolved_options_epochs_and_artifacts(
+    mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"by-name-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)  # where MLflow's users put it
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
+    monkeypatch.chdir(tmp_path)
+    model = make_mlp()
+    history = tw.fit(model, blobs(), log_to="mlflow", **FIT)  # type: ignore[arg-type]
+    (run,) = experiment_runs(mlflow_uri, name)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    expected = {"lr": "0.01", "optimizer": "SGD", "device": "cpu", "seed": "0", "batch_size": "32", "epochs": "3",
+                "loss": "cross_entropy", "metrics": "accuracy", "precision": "fp32", "grad_accum_steps": "1",
+                "scheduler": "None", "model": "Sequential", "parameters": "131", "train_samples": "240",
+                "val_samples": "60", "optimizer_momentum": "0"}  # fmt: skip
+    assert {key: params.get(key) for key in expected} == expected  # the optimizer's own lr, not a hidden None
+    assert not Path("runs").exists()  # a tracker name writes no local folder of trainwell's
+    for key, values in history.items():
+        assert metric_history(mlflow_uri, run.info.run_id, key) == list(enumerate(values, start=1)), key
+    logged = artifact(mlflow_uri, run.info.run_id, "history.csv", tmp_path / "artifacts")
+    assert logged.read_text() == history_csv(history, tmp_path)
+    weights = artifact(mlflow_uri, run.info.run_id, "weights.pt", tmp_path / "artifacts")
+    restored = make_mlp(seed=1)
+    tw.load_weights(restored, weights)
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+
+
+def history_csv(history: tw.History, folder: Path) -> str:
+    return history.to_csv(folder / "expected.csv").read_text()
+
+
+def test_mlflow_logger_object_sets_names_tags_and_step_losses(mlflow_uri: str, tmp_path: Path) -> None:
+    name = f"object-{uuid.uuid4().hex[:8]}"
+    logger = tw.MLflowLogger(experiment=name, run_name="baseline", tracking_uri=mlflow_uri, tags={"team": "vision"},
+                             every_n_steps=4, log_weights=False)  # fmt: skip
+    reference = tw.TensorBoard(tmp_path / "board", every_n_steps=4)  # the same shared step mechanism
+    tw.fit(make_mlp(), blobs(), batch_size=30, callbacks=[reference], log_to=[logger], **FIT)  # type: ignore[arg-type]
+    (run,) = experiment_runs(mlflow_uri, name)
+    assert run.info.run_name == "baseline" and run.data.tags["team"] == "vision"
+    steps = metric_history(mlflow_uri, run.info.run_id, STEP_KEY)
+    assert [step for step, _ in steps] == [4, 8, 12, 16, 20, 24]  # 8 steps per epoch, every 4th
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "board"))
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars(STEP_KEY)] == [
+        (step, pytest.approx(value, rel=1e-6)) for step, value in steps
+    ]
+    from mlflow import MlflowClient
+
+    assert [item.path for item in MlflowClient(tracking_uri=mlflow_uri).list_artifacts(run.info.run_id)] == [
+        "history.csv"
+    ]
+
+
+def test_step_losses_are_kept_on_the_device_not_read_per_step(mlflow_uri: str, tmp_path: Path) -> None:
+    per_step: list[int] = []
+
+    class Watch(tw.Callback):  # after the loggers' on_train_batch_end: it measures theirs too
+        def on_train_batch_start(self, run: tw.Run) -> None:
+            self.context = count_host_syncs()
+            self.calls = self.context.__enter__()
+
+        def on_train_batch_end(self, run: tw.Run) -> None:
+            self.context.__exit__(None, None, None)
+            per_step.append(len(self.calls))
+
+    loggers = [
+        tw.MLflowLogger(experiment=f"sync-{uuid.uuid4().hex[:8]}", tracking_uri=mlflow_uri, every_n_steps=1),
+        tw.TensorBoard(tmp_path, every_n_steps=1),
+    ]
+    tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=2, batch_size=16, callbacks=[*loggers, Watch()],
+           progress=False, terminate_on_nan=False)  # fmt: skip
+    assert per_step == [0] * 38  # read together at each epoch's end (or every few seconds), never per step
+
+
+@pytest.fixture
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])  # nothing listens there once the socket is closed
+
+
+def test_a_dead_mlflow_server_neither_stops_nor_stalls_training(closed_port: int) -> None:
+    pytest.importorskip("mlflow", reason="the MLflow tracker needs the optional mlflow package")
+    started = time.monotonic()
+    expected = tw.fit(make_mlp(), blobs(), **FIT)  # type: ignore[arg-type]
+    alone = time.monotonic() - started
+    # MLflow's client retries a refused connection with backoff for minutes; the logger's calls
+    # wait on their own thread, and fit's end waits for them at most timeout seconds.
+    logger = tw.MLflowLogger(tracking_uri=f"http://127.0.0.1:{closed_port}", every_n_steps=1, timeout=2)
+    started = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = tw.fit(make_mlp(), blobs(), log_to=logger, **FIT)  # type: ignore[arg-type]
+    assert time.monotonic() - started < alone + 2 + 10
+    assert without_time(history) == without_time(expected)
+    (message,) = trainwell_warnings(caught)
+    assert message.startswith("MLflow did not finish within 2 s")
+
+
+def test_a_store_that_fails_warns_once_and_training_goes_on(tmp_path: Path) -> None:
+    pytest.importorskip("mlflow", reason="the MLflow tracker needs the optional mlflow package")
+    (tmp_path / "file").write_text("not a folder")
+    expected = tw.fit(make_mlp(), blobs(), **FIT)  # type: ignore[arg-type]
+    logger = tw.MLflowLogger(tracking_uri=f"sqlite:///{tmp_path / 'file' / 'mlflow.db'}", every_n_steps=1)
+    started = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = tw.fit(make_mlp(), blobs(), log_to=logger, **FIT)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 20
+    assert without_time(history) == without_time(expected)
+    (message,) = trainwell_warnings(caught)
+    assert message.startswith("MLflow logging failed and is off for the rest of this run; training goes on.")
+
+
+KILLED = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    sys.path.insert(0, sys.argv[4])
+    import trainwell as tw
+    from mlflow import MlflowClient
+    from conftest import blobs, make_mlp
+
+    uri, experiment, directory = sys.argv[1], sys.argv[2], sys.argv[3]
+
+    class Kill(tw.Callback):  # after the logger logged epoch 3, before the checkpoint holds it
+        def on_epoch_end(self, run):
+            if run.epoch + 1 == 3 and not os.path.exists(os.path.join(directory, "killed")):
+                client = MlflowClient(tracking_uri=uri)
+                found = client.get_experiment_by_name(experiment)
+                for _ in range(400):
+                    runs = client.search_runs([found.experiment_id]) if found else []
+                    if runs and 3 in [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]:
+                        break
+                    time.sleep(0.05)
+                    found = found or client.get_experiment_by_name(experiment)
+                open(os.path.join(directory, "killed"), "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    logger = tw.MLflowLogger(experiment=experiment, tracking_uri=uri, every_n_steps=3)
+    tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=4, metrics=["accuracy"], val_split=0.2, seed=0,
+           progress=False, callbacks=[logger, Kill()], checkpoint_dir=directory, resume="auto")
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_run_killed_and_resumed_is_one_mlflow_run_equal_to_an_uninterrupted_one(
+    mlflow_uri: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED)
+    name = f"killed-{uuid.uuid4().hex[:8]}"
+    arguments = [sys.executable, str(script), mlflow_uri, name, str(tmp_path / "ck"), str(TESTS)]
+    environment = os.environ | {"OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(arguments, capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    finished = subprocess.run(arguments, capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+
+    golden_name = f"golden-{uuid.uuid4().hex[:8]}"
+    golden = tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=4, metrics=["accuracy"], val_split=0.2, seed=0,
+                    progress=False, log_to=tw.MLflowLogger(experiment=golden_name, tracking_uri=mlflow_uri,
+                                                           every_n_steps=3))  # fmt: skip
+    (run,) = experiment_runs(mlflow_uri, name)  # one tracked run, continued
+    (golden_run,) = experiment_runs(mlflow_uri, golden_name)
+    assert run.info.status == "FINISHED"
+    for key, values in golden.items():
+        logged = metric_history(mlflow_uri, run.info.run_id, key)
+        assert [step for step, _ in logged] == [1, 2, 3, 4], key  # epoch 3, trained twice, logged once
+        if key not in TIME_KEYS:
+            assert [value for _, value in logged] == values, key
+    steps = metric_history(mlflow_uri, run.info.run_id, STEP_KEY)
+    assert steps == metric_history(mlflow_uri, golden_run.info.run_id, STEP_KEY)  # each step once, the same losses
+    assert [step for step, _ in steps] == list(range(3, 8 * 4 + 1, 3))
+
+
+# --- W&B (offline) ---
+
+
+@pytest.fixture
+def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    wandb = pytest.importorskip("wandb", reason="the W&B tracker needs the optional wandb package")
+    folder = tmp_path / "wandb-files"
+    folder.mkdir()
+    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(folder), "WANDB_SILENT": "true",
+                       "WANDB_PROJECT": "trainwell-tests"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    yield folder
+    wandb.teardown()  # W&B reads its environment once per process: the next test's is read afresh
+
+
+def wandb_records(path: Path) -> Iterator[Any]:
+    """The records of an offline run's ``run-<id>.wandb``: W&B's file header (7 bytes), then
+    LevelDB-log blocks of 32 KiB (each chunk: checksum, length, type), each record a protobuf."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, pending = path.read_bytes(), 7, b""
+    assert data[:4] == b":W&B"
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def wandb_runs(folder: Path) -> list[dict[str, Any]]:
+    """Each offline run folder, oldest first: its id, config, epochs, step losses, artifacts, exit code."""
+    runs = []
+    for run_folder in sorted((folder / "wandb").glob("offline-run-*")):
+        found: dict[str, Any] = {"folder": run_folder, "epochs": {}, "steps": {}, "artifacts": [], "exit": None}
+        for record in wandb_records(next(run_folder.glob("run-*.wandb"))):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                found["id"] = record.run.run_id
+                found["config"] = {item.key: json.loads(item.value_json) for item in record.run.config.update}
+            elif kind == "history":
+                values = {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
+                }
+                if "epoch" in values:
+                    found["epochs"][values["epoch"]] = values
+                if "global_step" in values:
+                    found["steps"][values["global_step"]] = values[STEP_KEY]
+            elif kind == "artifact":
+                found["artifacts"].append((record.artifact.name, record.artifact.type))
+            elif kind == "exit":
+                found["exit"] = record.exit.exit_code
+        runs.append(found)
+    return runs
+
+
+def test_wandb_by_name_logs_the_config_epochs_and_artifacts(wandb_offline: Path, tmp_path: Path) -> None:
+    history = tw.fit(make_mlp(), blobs(), log_to="wandb", **FIT)  # type: ignore[arg-type]
+    (run,) = wandb_runs(wandb_offline)
+    config = run["config"]
+    assert {key: config[key] for key in ("lr", "seed", "device", "batch_size", "model", "train_samples")} == {
+        "lr": 0.01, "seed": 0, "device": "cpu", "batch_size": 32, "model": "Sequential", "train_samples": 240,
+    }  # fmt: skip
+    assert sorted(run["epochs"]) == [1, 2, 3]
+    for key, values in history.items():
+        assert [run["epochs"][epoch][key] for epoch in (1, 2, 3)] == values, key
+    assert run["artifacts"] == [(f"model-{run['id']}", "model")] and run["exit"] == 0
+    assert (run["folder"] / "files" / "history.csv").read_text() == history_csv(history, tmp_path)
+
+
+def test_wandb_resume_continues_the_same_run(wandb_offline: Path) -> None:
+    crash = {"at": 2}
+
+    class Crash(tw.Callback):
+        def on_epoch_end(self, run: tw.Run) -> None:
+            if run.epoch + 1 == crash["at"]:
+                raise RuntimeError("the machine went away")
+
+    options = FIT | {"epochs": 4, "checkpoint_dir": "ck"}
+    logger = tw.WandbLogger(name="resumed", every_n_steps=4)
+    with pytest.raises(RuntimeError, match="went away"):
+        tw.fit(make_mlp(), blobs(), callbacks=[Crash()], log_to=logger, **options)  # type: ignore[arg-type]
+    crash["at"] = 0
+    history = tw.fit(make_mlp(), blobs(), callbacks=[Crash()], log_to=tw.WandbLogger(name="resumed", every_n_steps=4),
+                     resume=True, **options)  # type: ignore[arg-type]  # fmt: skip
+    first, resumed = wandb_runs(wandb_offline)
+    assert first["id"] == resumed["id"] and (first["exit"], resumed["exit"]) == (1, 0)
+    # Offline W&B has no server to say what it holds: the epochs logged after the checkpoint the
+    # resumed run took may show in both files, with the same values.
+    epochs = first["epochs"] | resumed["epochs"]
+    assert sorted(epochs) == [1, 2, 3, 4] and 4 in resumed["epochs"]
+    for key, values in without_time(history).items():
+        assert [epochs[epoch][key] for epoch in (1, 2, 3, 4)] == values, key
+    assert sorted(first["steps"] | resumed["steps"]) == [4, 8, 12, 16, 20, 24, 28, 32]
+
+
+# --- the files trackers ---
+
+
+def test_csv_and_tensorboard_names_share_a_runs_folder_that_a_resume_continues(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("tensorboard", reason="the TensorBoard logger needs the optional tensorboard package")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    crash = {"at": 3}
+
+    class Crash(tw.Callback):  # the epoch is logged by the trackers (after it), not checkpointed
+        def on_epoch_end(self, run: tw.Run) -> None:
+            if run.epoch + 1 == crash["at"]:
+                raise RuntimeError("stopped")
+
+    options = FIT | {"epochs": 4, "checkpoint_dir": "ck", "log_to": ["csv", "tensorboard"]}
+    with pytest.raises(RuntimeError):
+        tw.fit(make_mlp(), blobs(), callbacks=[Crash()], **options)  # type: ignore[arg-type]
+    time.sleep(1.1)  # a new second: a fresh run would get a new folder
+    crash["at"] = 0
+    history = tw.fit(make_mlp(), blobs(), callbacks=[Crash()], resume=True, **options)  # type: ignore[arg-type]
+    (folder,) = Path("runs").iterdir()  # the resumed run continued the folder of its checkpoint
+    rows = list(csv.DictReader(io.StringIO((folder / "history.csv").read_text())))
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3, 4]
+    for key, values in without_time(history).items():
+        assert [float(row[key]) for row in rows] == values, key
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3, 4]  # each once (purge_step)
+    assert [event.value for event in events.Scalars("loss")] == pytest.approx(history["loss"], rel=1e-6)
+
+
+# --- refusals ---
+
+
+@pytest.mark.parametrize(
+    ("log_to", "message"),
+    [
+        ("mlfow", r"Unknown log_to name 'mlfow'.*did you mean 'mlflow'"),
+        ("all", r"Unknown log_to name 'all'.*use one of: csv, mlflow, tensorboard, wandb"),
+        (3, r"log_to must be a tracker name, a logger object, or a list of them"),
+        ([tw.EarlyStopping()], r"log_to takes tracker names or logger objects.*other callbacks go in callbacks="),
+        (["csv", "csv"], r"log_to names 'csv' twice"),
+    ],
+)
+def test_wrong_log_to_values_are_refused_before_any_work(
+    log_to: Any, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(tw.ConfigError, match=f"(?s){message}"):
+        tw.fit(make_mlp(), blobs(), checkpoint_dir="ck", log_to=log_to, **FIT)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []  # no checkpoint folder, no runs folder
+
+
+MISSING = textwrap.dedent(
+    """
+    import sys
+    sys.modules["mlflow"] = None  # as if it were not installed: importing it raises ImportError
+    sys.modules["wandb"] = None
+    sys.path.insert(0, sys.argv[1])
+    import trainwell as tw
+    from conftest import blobs, make_mlp
+
+    for call in (lambda: tw.fit(make_mlp(), blobs(), loss="cross_entropy", log_to="mlflow", progress=False),
+                 lambda: tw.fit(make_mlp(), blobs(), loss="cross_entropy", log_to=["csv", "wandb"], progress=False),
+                 lambda: tw.MLflowLogger(), lambda: tw.WandbLogger()):
+        try:
+            call()
+        except tw.ConfigError as error:
+            print(str(error).splitlines()[-1])
+    """
+)
+
+
+def test_a_missing_library_names_the_extra_to_install(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", MISSING, str(TESTS)], capture_output=True, text=True, timeout=120,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"}, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "  fix: pip install 'trainwell[mlflow]' (or pip install mlflow).",
+        "  fix: pip install 'trainwell[wandb]' (or pip install wandb).",
+        "  fix: pip install 'trainwell[mlflow]' (or pip install mlflow).",
+        "  fix: pip install 'trainwell[wandb]' (or pip install wandb).",
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- torchrun ---
+
+RANKS = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import trainwell as tw
+    from conftest import blobs, make_mlp
+
+    tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=3, seed=0, progress=False, log_to="mlflow")
+    """
+)
+
+
+@pytest.mark.slow
+def test_under_torchrun_only_rank_0_logs(mlflow_uri: str, tmp_path: Path) -> None:
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS)
+    name = f"torchrun-{uuid.uuid4().hex[:8]}"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    environment = os.environ | {"OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": mlflow_uri,
+                                "MLFLOW_EXPERIMENT_NAME": name}  # fmt: skip
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(script), str(TESTS)],
+                            capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (run,) = experiment_runs(mlflow_uri, name)
+    assert run.data.params["world_size"] == "2"
+    assert [step for step, _ in metric_history(mlflow_uri, run.info.run_id, "loss")] == [1, 2, 3]
