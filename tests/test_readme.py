@@ -50,7 +50,7 @@ def test_import_does_not_pull_in_heavy_optional_modules() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     added = set(ast.literal_eval(result.stdout))
     assert "trainwell" in added
-    assert not added & {"matplotlib", "sklearn", "torchmetrics", "IPython", "ipywidgets", "PIL"}
+    assert not added & {"matplotlib", "sklearn", "torchmetrics", "IPython", "ipywidgets", "PIL", "mlflow", "wandb"}
 
 
 def test_readme_names_the_two_set_up_commands() -> None:
@@ -76,3 +76,30 @@ def test_the_structured_models_section_runs_as_written(tmp_path: Path) -> None:
         result = subprocess.run([sys.executable, "-c", block + check], capture_output=True, text=True, cwd=tmp_path,
                                 timeout=300)  # fmt: skip
         assert result.returncode == 0, result.stderr
+
+
+def test_the_tracking_examples_run_as_written(tmp_path: Path) -> None:
+    section = re.search(r"## Tracking runs\n(.*?)\n## ", README.read_text(), re.DOTALL)
+    assert section is not None
+    mlflow_block, wandb_block = re.findall(r"```python\n(.*?)```", section.group(1), re.DOTALL)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    environment = os.environ | {"OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": store,
+                                "MLFLOW_EXPERIMENT_NAME": "readme", "WANDB_MODE": "offline",
+                                "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}  # fmt: skip
+    checks = [
+        "from mlflow import MlflowClient\n"
+        "client = MlflowClient()\n"
+        "for name, runs in (('readme', 1), ('digits', 1)):\n"
+        "    experiment = client.get_experiment_by_name(name)\n"
+        "    found = client.search_runs([experiment.experiment_id])\n"
+        "    assert len(found) == runs and found[0].info.status == 'FINISHED', name\n"
+        "    assert [m.step for m in client.get_metric_history(found[0].info.run_id, 'loss')] == [1, 2, 3]\n",
+        "import glob\n"
+        "assert len(glob.glob('wandb/offline-run-*/files/history.csv')) == 2, glob.glob('wandb/*')\n"
+        "assert len(glob.glob('runs/*/history.csv')) == 1\n",
+    ]
+    for block, check in zip((mlflow_block, wandb_block), checks, strict=True):
+        result = subprocess.run([sys.executable, "-c", block + check], capture_output=True, text=True, cwd=tmp_path,
+                                timeout=300, env=environment)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "TrainwellWarning" not in result.stderr
