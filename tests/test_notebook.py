@@ -8,6 +8,7 @@ import html.parser
 import json
 import math
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ CELLS = {
     "value": "history.plot()",
     "mid_cell": "figure = history.plot()\nprint('drawn')",
     "to_file": "figure = history.plot('curves.png')",
+    "changed": "changed = history.plot()\nchanged.axes[0].set_yscale('log')",
+    "changed_value": "changed = history.plot()\nchanged.axes[0].set_title('changed')\nchanged",
     "again": "figure",
     "lr_finder": "trainwell.find_lr(model(), (x, y), loss='cross_entropy', steps=30).plot()",
     "report": "trainwell.classification_report(net, (x, y), loss='cross_entropy').plot_confusion_matrix()",
@@ -49,6 +52,8 @@ CELLS = {
     "first_part": "trainwell.fit(model(), (x, y), loss='cross_entropy', epochs=2, seed=0, checkpoint_dir='run')",
     "resumed": "resumed = trainwell.fit(model(), (x, y), loss='cross_entropy', epochs=4, seed=0, checkpoint_dir='run',"
     " resume=True)",
+    "failed_at_start": "class Fails(trainwell.Callback):\n    def on_fit_start(self, run):\n        raise ValueError('no')\n"
+    "try:\n    trainwell.fit(model(), (x, y), loss='cross_entropy', callbacks=[Fails()])\nexcept ValueError:\n    pass",
     "evaluate": "trainwell.evaluate(net, (x, y), loss='cross_entropy', metrics=['accuracy'], batch_size=16,"
     " progress=True)",
 }
@@ -118,6 +123,11 @@ def _only_display(outputs: list[Any]) -> dict[str, str]:
     return displays[0].data  # type: ignore[no-any-return]
 
 
+def _charts(page: str) -> list[str]:
+    """The SVG of each chart panel on ``page``."""
+    return [base64.b64decode(data).decode() for data in re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"', page)]
+
+
 def _is_png(outputs: list[Any]) -> bool:
     images = [output for output in outputs if "image/png" in output.get("data", {})]
     return len(images) == 1 and base64.b64decode(images[0].data["image/png"]).startswith(PNG)
@@ -139,6 +149,7 @@ def test_a_fit_leaves_one_clean_table_equal_to_the_history(executed: tuple[dict[
         [str(epoch + 1), *(format_value(history[key][epoch], key in fractions) for key in keys)] for epoch in range(4)
     ]
     assert [[row[0], *row[2:]] for row in table.rows] == expected
+    assert [row[1] for row in table.rows] == [f"{seconds:.2f}s" for seconds in history["time"]]
     best = set()
     for column, key in enumerate(keys, start=2):
         values = history[key]
@@ -148,6 +159,7 @@ def test_a_fit_leaves_one_clean_table_equal_to_the_history(executed: tuple[dict[
     text = bundle["text/plain"].splitlines()  # the plain twin, for viewers without HTML
     assert text[0].split() == table.header and len(text) == 5
     assert all(output.output_type != "execute_result" for output in outputs["fit"])
+    assert outputs["failed_at_start"] == []  # a fit that failed before its first epoch leaves no empty output
 
 
 @pytest.mark.slow
@@ -167,8 +179,11 @@ def test_figures_show_inline_once_and_write_files_without_showing(
     outputs, folder = executed
     for name in ("value", "again", "lr_finder", "report"):  # a cell's value: one picture, not a repr too
         assert _is_png(outputs[name]) and len(outputs[name]) == 1, name
-    assert _is_png(outputs["mid_cell"])  # called without a path in the middle of a cell
-    assert [output.output_type for output in outputs["mid_cell"]] == ["display_data", "stream"]
+    assert _is_png(outputs["mid_cell"])  # called without a path in the middle of a cell: shown at its end
+    assert [output.output_type for output in outputs["mid_cell"]] == ["stream", "display_data"]
+    # changed after being made, in the cell that made it: shown as changed (as the cell's value or not)
+    pictures = {name: outputs[name][0].data["image/png"] for name in ("value", "changed", "changed_value")}
+    assert len(set(pictures.values())) == 3 and len(outputs["changed"]) == len(outputs["changed_value"]) == 1
     assert outputs["to_file"] == []  # given a path: the file, no picture
     assert (folder / "curves.png").read_bytes().startswith(PNG)
 
@@ -177,7 +192,8 @@ def test_figures_show_inline_once_and_write_files_without_showing(
 def test_the_live_chart_and_a_resumed_run_and_an_evaluation(executed: tuple[dict[str, list[Any]], Path]) -> None:
     outputs, _ = executed
     chart = _only_display(outputs["chart"])["text/html"]
-    assert chart.count("<svg") == 2 and chart.count("<polyline") == 4  # loss and accuracy, train and validation
+    panels = _charts(chart)  # images, which notebooks keep even when they drop inline SVG (untrusted)
+    assert len(panels) == 2 and all(panel.count("<polyline") == 2 for panel in panels)  # loss, accuracy
     assert [row[0] for row in _Table(chart).rows] == ["1", "2", "3"]
     resumed = _Table(_only_display(outputs["resumed"])["text/html"])
     assert [row[0] for row in resumed.rows] == ["1", "2", "3", "4"]  # the epochs before the resume too
@@ -191,7 +207,7 @@ def test_the_readme_notebook_example_shows_what_the_readme_says(executed: tuple[
     outputs, _ = executed
     assert [output.output_type for output in outputs["readme_notebooks"]] == ["display_data", "display_data"]
     board, picture = outputs["readme_notebooks"]
-    assert len(_Table(board.data["text/html"]).rows) == 10 and board.data["text/html"].count("<svg") == 2
+    assert len(_Table(board.data["text/html"]).rows) == 10 and len(_charts(board.data["text/html"])) == 2
     assert _is_png([picture])
 
 
@@ -222,9 +238,20 @@ def test_the_display_reads_the_running_values_only_at_its_refreshes(monkeypatch:
     monkeypatch.setattr(progress, "NOTEBOOK_REFRESH_SECONDS", 3600.0)
     _fit(progress="plot")
     assert reads == []  # no refresh due: nothing read from the device by the display
-    # each epoch shows its bar once at its start and the table at its end, then the final state
-    assert len(recorder.pages) == 3 * 2 + 1
-    assert "<progress" not in recorder.pages[-1][0] and recorder.pages[-1][0].count("<svg") == 2
+    # the first epoch's bar when it starts, then nothing until the final state
+    assert len(recorder.pages) == 2 and "<progress" in recorder.pages[0][0]
+    assert "<progress" not in recorder.pages[-1][0] and len(_charts(recorder.pages[-1][0])) == 2
+    assert len(recorder.pages[-1][1].splitlines()) == 1 + 3
+
+
+def test_many_short_epochs_send_no_more_updates_than_the_refresh_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = _Recorder(monkeypatch)
+    monkeypatch.setattr(progress, "NOTEBOOK_REFRESH_SECONDS", 0.05)
+    started = time.perf_counter()
+    _fit(epochs=300, batch_size=256, val_split=0.25, progress="plot")  # one batch per epoch, and validation
+    seconds = time.perf_counter() - started
+    assert len(recorder.pages) <= seconds / 0.05 + 2  # not three per epoch: at most one per refresh, and the last
+    assert len(recorder.pages[-1][1].splitlines()) == 1 + 300
 
 
 def test_during_an_epoch_the_bar_shows_the_running_values_and_the_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,19 +284,32 @@ def test_the_chart_is_redrawn_at_most_once_a_chart_interval(monkeypatch: pytest.
     monkeypatch.setattr(progress, "NOTEBOOK_REFRESH_SECONDS", 0.0)
     monkeypatch.setattr(progress, "CHART_SECONDS", 3600.0)
     _fit(progress="plot")
-    charts = [page[page.index("<svg") :] for page, _ in recorder.pages if "<svg" in page]
-    assert len(charts) > 20 and len(set(charts)) == 3  # redrawn at each epoch's end, not at the refreshes
+    charts = [tuple(_charts(page)) for page, _ in recorder.pages]
+    assert len(charts) > 20 and len(set(charts)) == 2  # the first drawing (empty) and the final state only
 
 
-def test_the_best_value_of_each_column_is_marked_by_its_direction() -> None:
+def test_the_best_value_of_a_column_is_marked_only_where_its_direction_is_known() -> None:
     history = tw.History()
-    for loss, accuracy, lr in ((0.9, 0.5, 0.1), (0.5, 0.7, 0.05), (0.6, 0.8, 0.01)):
-        history.append({"loss": loss, "accuracy": accuracy, "lr": lr, "time": 1.0})
-    page, text = progress._epoch_table(history, {"accuracy"})
+    for loss, accuracy, psnr, lr in ((0.9, 0.5, 20.0, 0.1), (0.5, 0.7, 30.0, 0.05), (0.6, 0.8, 25.0, 0.01)):
+        history.append({"loss": loss, "accuracy": accuracy, "psnr": psnr, "lr": lr, "time": 1.0})
+    page, text = progress._EpochTable().render(history, {"accuracy"})
     table = _Table(page)
-    assert table.header == ["epoch", "time", "loss", "accuracy", "lr"]
-    assert table.bold == {(1, 2), (2, 3)}  # the lowest loss, the highest accuracy; the lr is not a score
-    assert text.splitlines()[2].split() == ["2", "1.00s", "0.5000*", "70.00%", "0.0500"]
+    assert table.header == ["epoch", "time", "loss", "accuracy", "psnr", "lr"]
+    # the lowest loss, the highest accuracy; a custom metric's direction and the lr's are not guessed
+    assert table.bold == {(1, 2), (2, 3)}
+    assert text.splitlines()[2].split() == ["2", "1.00s", "0.5000*", "70.00%", "30.0000", "0.0500"]
+
+
+def test_names_and_values_are_escaped_in_the_html(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = _Recorder(monkeypatch)
+
+    def strange(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs.argmax(1) == targets).float().mean()
+
+    _fit(metrics={"<img src=x onerror=alert(1)>": strange}, progress="plot", epochs=2)
+    page = recorder.pages[-1][0]
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert all("<img src=x" not in chart for chart in _charts(page))
 
 
 def test_a_notebook_is_recognised_by_its_kernel_not_by_a_class_name(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -671,6 +671,7 @@ def metric_name(metric: Metric | ExternalMetric) -> str:
 
 
 _LOWER_IS_BETTER = ("loss", "error")
+_LOWER_IS_BETTER_WORDS = frozenset({"mae", "mse", "rmse", "msle", "mape", "perplexity", "ppl", "wer", "cer"})
 _HIGHER_IS_BETTER_WORDS = frozenset(
     {"f1", "precision", "recall", "auroc", "auc", "iou", "miou", "dice", "r2", "jaccard", "specificity", "map"}
 )
@@ -694,11 +695,24 @@ def higher_is_better(key: str) -> bool:
         >>> higher_is_better("val_f1_score"), higher_is_better("val_loss"), higher_is_better("mae")
         (True, False, False)
     """
+    return known_direction(key) == "max"
+
+
+def known_direction(key: str) -> Literal["max", "min"] | None:
+    """``"max"`` for a log key where larger is better, ``"min"`` where smaller is (losses, errors,
+    ``mae``, ``mse``, ``rmse``, perplexity), None when the name does not tell.
+
+    Example:
+        >>> known_direction("val_accuracy"), known_direction("rmse"), known_direction("psnr")
+        ('max', 'min', None)
+    """
     name = key.removeprefix("val_").lower()
-    if any(word in name for word in _LOWER_IS_BETTER):
-        return False
     words = set(name.split("_"))
-    return "accuracy" in name or "average_precision" in name or bool(words & _HIGHER_IS_BETTER_WORDS)
+    if any(word in name for word in _LOWER_IS_BETTER) or words & _LOWER_IS_BETTER_WORDS:
+        return "min"
+    if "accuracy" in name or "average_precision" in name or words & _HIGHER_IS_BETTER_WORDS:
+        return "max"
+    return None
 
 
 def _reset_external(metric: ExternalMetric, device: torch.device) -> None:

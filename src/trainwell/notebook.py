@@ -22,7 +22,8 @@ Point = tuple[float, float]
 
 
 def in_notebook() -> bool:
-    """Whether this process is a notebook kernel that shows rich output (HTML, images).
+    """Whether this process is a notebook kernel (its front end shows the HTML; one that cannot,
+    such as a console attached to a kernel, shows the plain-text form).
 
     Example:
         >>> in_notebook()  # a test run, a script, a terminal IPython: no kernel behind the shell
@@ -53,24 +54,43 @@ class LiveOutput:
 
 
 def show_figure(figure: Any, now: bool) -> None:
-    """In a notebook, show a matplotlib ``figure`` now (when ``now``) and whenever it is a cell's
-    value, as a PNG; once per cell, so ``history.plot()`` as a cell's last line shows one picture.
-    Outside a notebook, nothing."""
+    """In a notebook, show a matplotlib ``figure`` as a PNG whenever it is a cell's value, and
+    (when ``now``) at the end of the cell that made it, as it is then (changed after being made,
+    it shows changed), unless the cell showed it already as its value. Outside a notebook, nothing."""
     if not in_notebook():
         return
     figure._ipython_display_ = functools.partial(_display_figure, figure)  # IPython's hook: shown by us only
     if now:
+        _at_cell_end.append(figure)
+        _call_at_cell_end()
+
+
+_at_cell_end: list[Any] = []  # figures to show when the running cell ends
+_cell = [0]  # cells ended since trainwell first showed a figure: tells one cell from the next
+
+
+def _call_at_cell_end() -> None:
+    from IPython import get_ipython
+
+    events = get_ipython().events
+    if _end_of_cell not in events.callbacks["post_run_cell"]:
+        events.register("post_run_cell", _end_of_cell)
+
+
+def _end_of_cell(*_: Any) -> None:
+    figures = list(_at_cell_end)
+    _at_cell_end.clear()
+    for figure in figures:
         _display_figure(figure)
+    _cell[0] += 1
 
 
 def _display_figure(figure: Any) -> None:
-    from IPython import get_ipython
     from IPython.display import display
 
-    cell = get_ipython().execution_count
-    if getattr(figure, "_trainwell_shown_in", None) == cell:
+    if getattr(figure, "_trainwell_shown_in", None) == _cell[0]:  # shown in this cell already
         return
-    figure._trainwell_shown_in = cell
+    figure._trainwell_shown_in = _cell[0]
     picture = io.BytesIO()
     figure.savefig(picture, format="png", dpi=100, bbox_inches="tight")
     png = base64.b64encode(picture.getvalue()).decode("ascii")
@@ -137,6 +157,7 @@ def bar_html(title: str, done: int, total: int | None, details: str) -> str:
 
 
 _COLORS = ("#1f77b4", "#ff7f0e")  # matplotlib's first two: legible on light and dark themes
+_INK = "#888888"  # axes and text: an image does not inherit the page's colour, and grey reads on both
 _WIDTH, _HEIGHT = 260, 170
 _LEFT, _RIGHT, _TOP, _BOTTOM = 46, 10, 24, 30
 
@@ -166,7 +187,7 @@ def chart_svg(title: str, series: Mapping[str, Sequence[Point]], x_end: float) -
 
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{_HEIGHT}" '
-        'style="font:10px sans-serif;fill:currentColor;stroke:currentColor">',
+        f'style="font:10px sans-serif;fill:{_INK};stroke:{_INK}">',
         f'<text x="{_LEFT}" y="12" stroke="none" font-weight="bold">{escape(title)}</text>',
         f'<rect x="{_LEFT}" y="{_TOP}" width="{plot_width}" height="{plot_height}" fill="none" stroke-opacity="0.4"/>',
     ]
@@ -193,6 +214,13 @@ def chart_svg(title: str, series: Mapping[str, Sequence[Point]], x_end: float) -
             parts.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.6"/>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def svg_image(svg: str) -> str:
+    """``svg`` as an HTML image: JupyterLab and others remove inline ``<svg>`` from a notebook
+    they do not trust (one received from someone else), but keep images with data addresses."""
+    data = base64.b64encode(svg.encode()).decode("ascii")
+    return f'<img src="data:image/svg+xml;base64,{data}" alt="chart" width="{_WIDTH}" height="{_HEIGHT}">'
 
 
 def nice_ticks(low: float, high: float, integers: bool = False) -> list[float]:

@@ -16,7 +16,7 @@ from trainwell import notebook
 from trainwell.batches import Batches
 from trainwell.callbacks import Callback
 from trainwell.history import TIME_KEYS, History
-from trainwell.metrics import higher_is_better
+from trainwell.metrics import known_direction
 from trainwell.run import Run
 
 DisplayMode = Literal["live", "notebook", "lines"]
@@ -152,7 +152,10 @@ class ProgressDisplay(Callback):
             self._advance(run, run.batches_done, _total(run.train_batches))
 
     def on_eval_batch_end(self, run: Run) -> None:
-        if _own_pass(run) and run.eval_batches_done >= self.next_check:
+        if not _own_pass(run):
+            if self.board is not None:
+                self.board.send_held(run)  # e.g. the epoch's end, held back by the refresh rate
+        elif run.eval_batches_done >= self.next_check:
             self._advance(run, run.eval_batches_done, _total(run.eval_batches))
 
     def _advance(self, run: Run, done: int, total: int | None) -> None:
@@ -245,25 +248,28 @@ class ProgressDisplay(Callback):
 class _Board:
     """The notebook's display of a run: the current pass's bar over the table of finished epochs
     (and the chart), one output replaced in place. Everything it shows comes from the History
-    and the running values the display already reads: it reads nothing from the device itself."""
+    and the running values the display already reads: it reads nothing from the device itself.
+
+    Sends at most one update per ``NOTEBOOK_REFRESH_SECONDS`` (an epoch's start and end included,
+    so many short epochs cost no more than one long one), and always the final state; an update
+    held back is sent at the next hook that finds it due."""
 
     def __init__(self, chart: bool) -> None:
         self.output = notebook.LiveOutput()
         self.chart = chart
+        self.table = _EpochTable()
         self.fractions: set[str] = set()
         self.title = ""
         self.total: int | None = None
         self.bar: tuple[int, str] | None = None  # (batches done, details) of the pass shown, if any
-        self.table = ("", "")  # the epochs' table as (HTML, text), rebuilt once per epoch
         self.ticks: dict[str, list[notebook.Point]] = {}  # the epoch's running values, for the chart
-        self.drawn = ("", -math.inf)  # the chart's SVG, and when it was drawn
+        self.drawn = ("", -math.inf)  # the chart's HTML, and when it was drawn
+        self.sent = -math.inf  # when the output was last sent
+        self.held = False  # whether a change waits to be sent
 
     def start(self, run: Run, title: str, done: int, total: int | None, fractions: set[str]) -> None:
         self.title, self.total, self.fractions = title, total, fractions
-        self.ticks = {}
-        if not self.table[0] and run.history.epochs:  # a resumed run: the epochs before the resume
-            self.table = _epoch_table(run.history, fractions)
-        self.bar = (done, "")
+        self.bar, self.ticks = (done, ""), {}
         self._show(run)
 
     def advance(self, run: Run, done: int, running: dict[str, float], timing: str) -> None:
@@ -279,22 +285,31 @@ class _Board:
             self.bar = (self.bar[0], "validating...")
             self._show(run)
 
+    def send_held(self, run: Run) -> None:
+        """Send a held-back update once it is due (called during fit's validation)."""
+        if self.held:
+            self._show(run)
+
     def epoch_end(self, run: Run) -> None:
         self.bar, self.ticks = None, {}
-        self.table = _epoch_table(run.history, self.fractions)
-        self._show(run, redraw=True)
+        self._show(run)
 
     def finish(self, run: Run, line: str = "") -> None:
-        """Leave the final state: the table (and chart), or ``line`` (an evaluate's summary), and
-        where a pass stopped before its end, a line saying so instead of its bar."""
+        """Send the final state: the table (and chart), or ``line`` (an evaluate's summary); where
+        a pass stopped before its end, a line saying so in place of its bar."""
         if self.bar is not None and not line:
             done = run.eval_batches_done if _own_pass(run) else run.batches_done
             where = "validating" if self.bar[1] == "validating..." else f"at batch {done}/{_or_unknown(self.total)}"
             line = f"{self.title} stopped {where}"
         self.bar, self.ticks = None, {}
-        self._show(run, redraw=True, line=line)
+        self._show(run, line=line, final=True)
 
-    def _show(self, run: Run, redraw: bool = False, line: str = "") -> None:
+    def _show(self, run: Run, line: str = "", final: bool = False) -> None:
+        now = time.perf_counter()
+        if not final and now - self.sent < NOTEBOOK_REFRESH_SECONDS:
+            self.held = True
+            return
+        self.sent, self.held = now, False
         html_parts, text_parts = [], []
         if self.bar is not None:
             done, details = self.bar
@@ -303,17 +318,19 @@ class _Board:
         elif line:
             html_parts.append(f"<div>{notebook.escape(line)}</div>")
             text_parts.append(line)
-        chart = self._chart(run, redraw) if self.chart and not _own_pass(run) else ""
-        if self.table[0] or chart:
+        table_html, table_text = self.table.render(run.history, self.fractions)
+        chart = self._chart(run, now, final) if self.chart and not _own_pass(run) else ""
+        if table_html or chart:
             html_parts.append(f'<div style="display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start">'
-                              f"{self.table[0]}{chart}</div>")  # fmt: skip
-            text_parts.append(self.table[1])
-        self.output.show("".join(html_parts), "\n".join(part for part in text_parts if part))
+                              f"{table_html}{chart}</div>")  # fmt: skip
+            text_parts.append(table_text)
+        if html_parts or self.output.handle is not None:  # a fit that failed before it began: no output
+            self.output.show("".join(html_parts), "\n".join(part for part in text_parts if part))
 
-    def _chart(self, run: Run, redraw: bool) -> str:
-        """One panel per quantity: the finished epochs' values, and this epoch's running ones."""
-        now = time.perf_counter()
-        if not redraw and now - self.drawn[1] < CHART_SECONDS:
+    def _chart(self, run: Run, now: float, final: bool) -> str:
+        """One panel per quantity: the finished epochs' values, and this epoch's running ones;
+        redrawn at most once per ``CHART_SECONDS`` (and for the final state)."""
+        if not final and now - self.drawn[1] < CHART_SECONDS:
             return self.drawn[0]
         history = run.history
         names = [key for key in history if not key.startswith("val_") and key not in (*TIME_KEYS, "lr")]
@@ -327,30 +344,43 @@ class _Board:
                 points += self.ticks.get(key, [])
                 if points:
                     series[label] = points
-            panels.append(notebook.chart_svg(name, series, run.epochs))
+            panels.append(notebook.svg_image(notebook.chart_svg(name, series, run.epochs)))
         self.drawn = ("".join(panels), now)
         return self.drawn[0]
 
 
-def _epoch_table(history: History, fractions: set[str]) -> tuple[str, str]:
-    """The History as a table, (HTML, text): the epoch, its time, then every value; in each
-    column of losses and metrics (of two epochs or more) the best value is marked."""
-    keys = [key for key in history if key not in TIME_KEYS]
-    columns = ["epoch", "time", *keys]
-    times = history.get("time", [])
-    rows = [
-        [str(epoch + 1), _seconds(times[epoch]) if epoch < len(times) and math.isfinite(times[epoch]) else ""]
-        + [format_value(history[key][epoch], key in fractions) for key in keys]
-        for epoch in range(history.epochs)
-    ]
-    best = set()
-    for column, key in enumerate(keys, start=2):
-        values = [value for value in history[key] if math.isfinite(value)]
-        if key == "lr" or len(values) < 2 or min(values) == max(values):
-            continue
-        top = max(values) if higher_is_better(key) else min(values)
-        best |= {(epoch, column) for epoch, value in enumerate(history[key]) if value == top}
-    return notebook.table_html(columns, rows, best), notebook.table_text(columns, rows, best)
+class _EpochTable:
+    """The History as a table: the epoch, its time, then every value, each row formatted once;
+    in each column whose direction is known (losses, errors, accuracy, F1, ...: ``known_direction``)
+    the best value of two epochs or more is marked. A column of unknown direction (a custom
+    metric's name) is not: the table does not guess which end is better."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.rows: list[list[str]] = []
+
+    def render(self, history: History, fractions: set[str]) -> tuple[str, str]:
+        """(HTML, text) of ``history``'s epochs; ("", "") before the first."""
+        keys = [key for key in history if key not in TIME_KEYS]
+        if keys != self.keys:  # a key first seen now: every row again (the History pads the earlier ones)
+            self.keys, self.rows = keys, []
+        times = history.get("time", [])
+        for epoch in range(len(self.rows), history.epochs):
+            seconds = times[epoch] if epoch < len(times) else math.nan
+            self.rows.append([str(epoch + 1), _seconds(seconds) if math.isfinite(seconds) else ""]
+                             + [format_value(history[key][epoch], key in fractions) for key in keys])  # fmt: skip
+        if not self.rows:
+            return "", ""
+        best = set()
+        for column, key in enumerate(keys, start=2):
+            direction = known_direction(key)
+            values = [value for value in history[key] if math.isfinite(value)]
+            if direction is None or len(values) < 2 or min(values) == max(values):
+                continue
+            top = max(values) if direction == "max" else min(values)
+            best |= {(epoch, column) for epoch, value in enumerate(history[key]) if value == top}
+        columns = ["epoch", "time", *keys]
+        return notebook.table_html(columns, self.rows, best), notebook.table_text(columns, self.rows, best)
 
 
 def _time_left(elapsed: float, done: int, left: int | None) -> str:
