@@ -279,6 +279,28 @@ def test_a_fit_stopped_in_an_epoch_says_where_instead_of_leaving_its_bar(monkeyp
     assert len(text.splitlines()) == 3  # the header and the one finished epoch
 
 
+@pytest.mark.parametrize("pass_name", ["evaluate", "predict"])
+def test_an_evaluation_that_raises_says_where_it_stopped_instead_of_leaving_its_bar(
+    monkeypatch: pytest.MonkeyPatch, pass_name: str
+) -> None:
+    recorder = _Recorder(monkeypatch)
+
+    class Fails(tw.Callback):
+        def on_eval_batch_end(self, run: tw.Run) -> None:
+            if run.eval_batches_done == 3:
+                raise RuntimeError("stop here")
+
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    with pytest.raises(RuntimeError, match="stop here"):
+        if pass_name == "evaluate":
+            tw.evaluate(torch.nn.Linear(4, 2), (x, y), loss="cross_entropy", batch_size=8, progress=True,
+                        callbacks=[Fails()])  # fmt: skip
+        else:
+            tw.predict(torch.nn.Linear(4, 2), x, batch_size=8, progress=True, callbacks=[Fails()])
+    page, text = recorder.pages[-1]
+    assert "<progress" not in page and text == f"{pass_name.capitalize()} stopped at batch 3/8"
+
+
 def test_the_chart_is_redrawn_at_most_once_a_chart_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     recorder = _Recorder(monkeypatch)
     monkeypatch.setattr(progress, "NOTEBOOK_REFRESH_SECONDS", 0.0)

@@ -6,8 +6,9 @@ callbacks, and building the ``Run``. Must not iterate over batches (that is ``lo
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast, get_args
@@ -804,10 +805,10 @@ def evaluate(
     objective = diagnosis.objective
     tally = _tally(metrics, objective, options)
     collector = _Collector(objective) if return_outputs else None
-    hooks = [*listed, *([collector] if collector else []), *_display(progress, job, own_pass=True)]
-    run = _inference_run(model, target, tally, objective, hooks, job)
+    display = _display(progress, job, own_pass=True)
+    run = _inference_run(model, target, tally, objective, [*listed, *([collector] if collector else []), *display], job)
     run.reduce = None if job is None else distributed.all_reduce_sum
-    with out_of_memory_advice("evaluate", batches.batch_size, batches.num_samples):
+    with out_of_memory_advice("evaluate", batches.batch_size, batches.num_samples), _closed_on_error(display, run):
         results = loop.eval_epoch(run, batches, tally, stoppable=True)
     explain_non_finite(batches, "evaluation data", results)  # NaN results from NaN data: say where it is
     if collector is None:
@@ -949,9 +950,9 @@ def predict(
     target = _job_device(job, device)
     model.to(target)
     batches = _inference_batches(data, batch_size, job, target, model, inputs_only=True)
-    run = _inference_run(model, target, Tally([], has_loss=False), None,
-                         [*listed, *_display(progress, job, own_pass=True)], job)  # fmt: skip
-    with out_of_memory_advice("predict", batches.batch_size, batches.num_samples):
+    display = _display(progress, job, own_pass=True)
+    run = _inference_run(model, target, Tally([], has_loss=False), None, [*listed, *display], job)
+    with out_of_memory_advice("predict", batches.batch_size, batches.num_samples), _closed_on_error(display, run):
         collected = loop.predict_loop(run, batches, for_predict if output is None else _chosen(output))
     outputs = _in_input_order(collected, job, all_ranks)
     if spec is None or outputs is None:
@@ -1076,6 +1077,18 @@ def _display(
         return []
     mode = (choose_pass_mode if own_pass else choose_mode)(progress, sys.stdout)
     return [] if mode is None else [ProgressDisplay(mode, chart=progress == "plot")]
+
+
+@contextlib.contextmanager
+def _closed_on_error(display: list[Callback], run: Run) -> Iterator[None]:
+    """evaluate's and predict's display, closed if their pass raises (its bar would stay: a pass
+    has no hook that always runs at its end, as ``on_fit_end`` is for fit)."""
+    try:
+        yield
+    except BaseException:
+        for shown in display:
+            shown.on_fit_end(run)
+        raise
 
 
 def _listed(callbacks: Callback | Iterable[Callback]) -> list[Callback]:
