@@ -163,11 +163,13 @@ PAIRED_ROUNDS = 6
 PAIRED_CONTENDERS = ("best_hand", "trainwell_quiet", "trainwell")
 COUNTING = "trainwell_counting"  # also paired on the workloads it is written for (not the text ones)
 NOTEBOOK = "trainwell_notebook"  # also paired there when the kernel's packages are installed
-NOTEBOOK_SHARES: list[float] = []  # of each NOTEBOOK epoch: the share of its time in the display's hooks
 
 
-def _paired_epoch(contender: str, workload: Workload, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Seconds of one epoch of ``contender`` on a fresh model (and a fresh user DataLoader)."""
+def _paired_epoch(
+    contender: str, workload: Workload, inputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[float, float | None]:
+    """Seconds of one epoch of ``contender`` on a fresh model (and a fresh user DataLoader), and
+    for ``NOTEBOOK`` the share of them spent in the display's hooks."""
     loader = workload_loader(workload, inputs, targets)
     task = TrainTask(build_model(workload.architecture), inputs, targets, workload.batch_size, workload.architecture,
                      loader)  # fmt: skip
@@ -178,11 +180,10 @@ def _paired_epoch(contender: str, workload: Workload, inputs: torch.Tensor, targ
         shown = kernel.kernel_display() if contender == NOTEBOOK else contextlib.nullcontext()
     with shown as display:
         seconds = _timed(_trainer(contender, workload), task, None)["seconds"]
-        if contender == NOTEBOOK:
-            NOTEBOOK_SHARES.append(display.seconds / seconds)
+        share = display.seconds / seconds if contender == NOTEBOOK else None
         del task  # (f): stop the workers while the pseudo-terminal is open (see ``_train``)
         gc.collect()
-    return seconds
+    return seconds, share
 
 
 def _paired(workload: Workload, inputs: torch.Tensor, targets: torch.Tensor, pairs: int) -> dict[str, Any]:
@@ -199,17 +200,19 @@ def _paired(workload: Workload, inputs: torch.Tensor, targets: torch.Tensor, pai
         del extra[COUNTING]
     contenders = PAIRED_CONTENDERS + tuple(extra)
     ratios |= {name: [] for name in extra.values()}
+    shares: list[float] = []  # of each NOTEBOOK epoch, the share of its time in the display's hooks
     for round_index in range(pairs + 1):
         shift = round_index % len(contenders)
         order = contenders[shift:] + contenders[:shift]
-        seconds = {contender: _paired_epoch(contender, workload, inputs, targets) for contender in order}
+        measured = {contender: _paired_epoch(contender, workload, inputs, targets) for contender in order}
+        seconds = {contender: took for contender, (took, _) in measured.items()}
         if round_index:  # the first round warms up
+            shares += [share for _, share in measured.values() if share is not None]
             ratios["quiet_vs_hand"].append(seconds["best_hand"] / seconds["trainwell_quiet"])
             ratios["display_vs_hand"].append(seconds["best_hand"] / seconds["trainwell"])
             ratios["display_vs_quiet"].append(seconds["trainwell_quiet"] / seconds["trainwell"])
             for contender, name in extra.items():
                 ratios[name].append(seconds["trainwell_quiet"] / seconds[contender])
-    shares = NOTEBOOK_SHARES[1:]  # the first round warms up
     return (
         {"pairs": pairs, "speed_ratios": ratios}
         | {f"median_{name}": statistics.median(values) for name, values in ratios.items()}
