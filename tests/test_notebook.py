@@ -254,9 +254,22 @@ def test_many_short_epochs_send_no_more_updates_than_the_refresh_rate(monkeypatc
     assert len(recorder.pages[-1][1].splitlines()) == 1 + 300
 
 
+def test_updates_that_take_long_are_sent_less_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = _Recorder(monkeypatch)
+    record = notebook.LiveOutput.show
+    monkeypatch.setattr(notebook.LiveOutput, "show", lambda *args: time.sleep(0.02) or record(*args))
+    monkeypatch.setattr(progress, "NOTEBOOK_REFRESH_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "SENDING_SHARE", 0.1)  # each 20 ms update waits 0.2 s before the next
+    started = time.perf_counter()
+    _fit(epochs=100, batch_size=64, progress="plot")
+    seconds = time.perf_counter() - started
+    assert 2 <= len(recorder.pages) <= seconds / 0.2 + 2  # the first, one per 0.2 s at most, and the last
+
+
 def test_during_an_epoch_the_bar_shows_the_running_values_and_the_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
     recorder = _Recorder(monkeypatch)
     monkeypatch.setattr(progress, "NOTEBOOK_REFRESH_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "SENDING_SHARE", 1.0)  # every hook may send
     _fit(epochs=2)
     bars = [text for page, text in recorder.pages if "<progress" in page]
     assert any(text.startswith("Epoch 2/2  8/16  loss ") and "ETA" in text for text in bars)
@@ -304,6 +317,7 @@ def test_an_evaluation_that_raises_says_where_it_stopped_instead_of_leaving_its_
 def test_the_chart_is_redrawn_at_most_once_a_chart_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     recorder = _Recorder(monkeypatch)
     monkeypatch.setattr(progress, "NOTEBOOK_REFRESH_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "SENDING_SHARE", 1.0)  # every hook may send
     monkeypatch.setattr(progress, "CHART_SECONDS", 3600.0)
     _fit(progress="plot")
     charts = [tuple(_charts(page)) for page, _ in recorder.pages]

@@ -22,7 +22,9 @@ from trainwell.run import Run
 DisplayMode = Literal["live", "notebook", "lines"]
 REFRESH_SECONDS = 0.1
 NOTEBOOK_REFRESH_SECONDS = 0.25  # each refresh is a message to the browser
-CHART_SECONDS = 1.0  # the live chart is redrawn at most this often (and at each epoch's end)
+SENDING_SHARE = 0.01  # at most this share of the time goes to building and sending notebook updates
+LONGEST_WAIT_SECONDS = 2.0  # ... unless that would leave the display longer than this without one
+CHART_SECONDS = 1.0  # the live chart is redrawn at most this often (and for the final state)
 LINE_EVERY_SECONDS = 30.0
 _BAR_FORMAT = "{desc}  {n_fmt}/{total_fmt} [{bar:30}]  {metrics}  {elapsed_s:.1f}s  ETA {remaining_s:.1f}s"
 
@@ -251,8 +253,10 @@ class _Board:
     and the running values the display already reads: it reads nothing from the device itself.
 
     Sends at most one update per ``NOTEBOOK_REFRESH_SECONDS`` (an epoch's start and end included,
-    so many short epochs cost no more than one long one), and always the final state; an update
-    held back is sent at the next hook that finds it due."""
+    so many short epochs cost no more than one long one), and less often once an update itself
+    takes long (a table of a thousand epochs): the next waits ``SENDING_SHARE`` times the last
+    one's cost, up to ``LONGEST_WAIT_SECONDS``. The final state is always sent; an update held
+    back is sent at the next hook that finds it due."""
 
     def __init__(self, chart: bool) -> None:
         self.output = notebook.LiveOutput()
@@ -264,7 +268,7 @@ class _Board:
         self.bar: tuple[int, str] | None = None  # (batches done, details) of the pass shown, if any
         self.ticks: dict[str, list[notebook.Point]] = {}  # the epoch's running values, for the chart
         self.drawn = ("", -math.inf)  # the chart's HTML, and when it was drawn
-        self.sent = -math.inf  # when the output was last sent
+        self.due = -math.inf  # when the next update may be sent
         self.held = False  # whether a change waits to be sent
 
     def start(self, run: Run, title: str, done: int, total: int | None, fractions: set[str]) -> None:
@@ -306,10 +310,10 @@ class _Board:
 
     def _show(self, run: Run, line: str = "", final: bool = False) -> None:
         now = time.perf_counter()
-        if not final and now - self.sent < NOTEBOOK_REFRESH_SECONDS:
+        if not final and now < self.due:
             self.held = True
             return
-        self.sent, self.held = now, False
+        self.held = False
         html_parts, text_parts = [], []
         if self.bar is not None:
             done, details = self.bar
@@ -326,6 +330,8 @@ class _Board:
             text_parts.append(table_text)
         if html_parts or self.output.handle is not None:  # a fit that failed before it began: no output
             self.output.show("".join(html_parts), "\n".join(part for part in text_parts if part))
+        spent = time.perf_counter() - now
+        self.due = now + max(NOTEBOOK_REFRESH_SECONDS, min(spent / SENDING_SHARE, LONGEST_WAIT_SECONDS))
 
     def _chart(self, run: Run, now: float, final: bool) -> str:
         """One panel per quantity: the finished epochs' values, and this epoch's running ones;
@@ -357,19 +363,19 @@ class _EpochTable:
 
     def __init__(self) -> None:
         self.keys: list[str] = []
-        self.rows: list[list[str]] = []
+        self.table = notebook.Table([])
 
     def render(self, history: History, fractions: set[str]) -> tuple[str, str]:
         """(HTML, text) of ``history``'s epochs; ("", "") before the first."""
         keys = [key for key in history if key not in TIME_KEYS]
         if keys != self.keys:  # a key first seen now: every row again (the History pads the earlier ones)
-            self.keys, self.rows = keys, []
+            self.keys, self.table = keys, notebook.Table(["epoch", "time", *keys])
         times = history.get("time", [])
-        for epoch in range(len(self.rows), history.epochs):
+        for epoch in range(len(self.table.rows), history.epochs):
             seconds = times[epoch] if epoch < len(times) else math.nan
-            self.rows.append([str(epoch + 1), _seconds(seconds) if math.isfinite(seconds) else ""]
-                             + [format_value(history[key][epoch], key in fractions) for key in keys])  # fmt: skip
-        if not self.rows:
+            self.table.append([str(epoch + 1), _seconds(seconds) if math.isfinite(seconds) else ""]
+                              + [format_value(history[key][epoch], key in fractions) for key in keys])  # fmt: skip
+        if not self.table.rows:
             return "", ""
         best = set()
         for column, key in enumerate(keys, start=2):
@@ -379,8 +385,7 @@ class _EpochTable:
                 continue
             top = max(values) if direction == "max" else min(values)
             best |= {(epoch, column) for epoch, value in enumerate(history[key]) if value == top}
-        columns = ["epoch", "time", *keys]
-        return notebook.table_html(columns, self.rows, best), notebook.table_text(columns, self.rows, best)
+        return self.table.render(best)
 
 
 def _time_left(elapsed: float, done: int, left: int | None) -> str:
