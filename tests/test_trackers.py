@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -160,6 +161,16 @@ def test_step_losses_are_kept_on_the_device_not_read_per_step(mlflow_uri: str, t
     assert per_step == [0] * 38  # read together at each epoch's end (or every few seconds), never per step
 
 
+def test_a_fit_called_inside_an_except_block_is_finished_not_failed(mlflow_uri: str) -> None:
+    name = f"except-{uuid.uuid4().hex[:8]}"
+    try:
+        raise KeyError("the caller's own, already handled")
+    except KeyError:  # sys.exc_info() names it here: the fit's own outcome must not
+        tw.fit(make_mlp(), blobs(), log_to=tw.MLflowLogger(experiment=name, tracking_uri=mlflow_uri), **FIT)  # type: ignore[arg-type]
+    (run,) = experiment_runs(mlflow_uri, name)
+    assert run.info.status == "FINISHED"
+
+
 @pytest.fixture
 def closed_port() -> int:
     with socket.socket() as probe:
@@ -167,8 +178,13 @@ def closed_port() -> int:
         return int(probe.getsockname()[1])  # nothing listens there once the socket is closed
 
 
-def test_a_dead_mlflow_server_neither_stops_nor_stalls_training(closed_port: int) -> None:
+def test_a_dead_mlflow_server_neither_stops_nor_stalls_training(
+    closed_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("mlflow", reason="the MLflow tracker needs the optional mlflow package")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))  # where the run's history.csv and weights.pt wait
     started = time.monotonic()
     expected = tw.fit(make_mlp(), blobs(), **FIT)  # type: ignore[arg-type]
     alone = time.monotonic() - started
@@ -183,6 +199,7 @@ def test_a_dead_mlflow_server_neither_stops_nor_stalls_training(closed_port: int
     assert without_time(history) == without_time(expected)
     (message,) = trainwell_warnings(caught)
     assert message.startswith("MLflow did not finish within 2 s")
+    assert list(temporary.glob("trainwell-*")) == []  # removed by fit, though the worker never got to them
 
 
 def test_a_store_that_fails_warns_once_and_training_goes_on(tmp_path: Path) -> None:

@@ -23,8 +23,8 @@ Order of events in ``fit_loop`` (a test asserts it):
         ``samples_per_second`` from the host clock, read after the reductions of steps 4 and 5,
         which wait for the device anyway) and appended to the History; ``on_epoch_end``
      7. stop if ``run.stop_training``
-  3. ``on_fit_end``, always (also after an exception), of every callback even when one raises:
-     the fit's own error, else the first hook's, is raised once all have run, with a note
+  3. ``on_fit_end``, always (also after an exception, which is then in ``run.error``), of every
+     callback even when one raises: the fit's own error, else the first hook's, is raised once all have run, with a note
      naming each further error (so the display closes and signal handlers are restored)
 
 Nothing here reads a device value per step: losses and metrics go into device-side sums.
@@ -81,6 +81,7 @@ def fit_loop(run: Run) -> None:
             if run.stop_training:
                 break
     except BaseException as error:
+        run.error = error  # what on_fit_end reports (trackers' status), not the caller's handled one
         _attach(error, run.callbacks.fire_all("on_fit_end", run))
         raise
     failures = run.callbacks.fire_all("on_fit_end", run)

@@ -169,6 +169,9 @@ class Run:
         config: ``fit``'s options as resolved (the optimizer and the lr it uses, the device, the
             seed, the batch size, the model's class and parameter count, the number of training
             samples, ...): what trackers log as the run's parameters. Empty outside ``fit``.
+        error: What ended ``fit`` with an exception (Ctrl-C's ``TrainingInterrupted`` included),
+            set before ``on_fit_end``; None when it ran to its end. ``sys.exc_info()`` would not
+            tell: inside the caller's own ``except`` block it names the caller's exception.
     """
 
     model: nn.Module
@@ -216,6 +219,7 @@ class Run:
     world_size: int = 1
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    error: BaseException | None = None
 
     def running_logs(self) -> dict[str, float]:
         """The current pass's averages so far (one device-to-host copy; the display calls it

@@ -12,7 +12,6 @@ import os
 import queue
 import secrets
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -281,26 +280,21 @@ class Tracker(Callback):
                     f"{self.label} did not finish within {self.timeout:g} s (timeout=): stopped waiting for it. The "
                     "run's last values, history.csv and weights.pt may be missing there; training itself is complete."
                 )
-                return  # the worker removes the folder if it ever gets there
         except Exception as error:
             self._warn(error)
-        shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            # Removed here in every case: a worker that reaches its finish later finds no files
+            # and fails on its own thread, which nobody waits for any more.
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _finish(self, run: Run, worker: Worker, folder: Path) -> None:
         if self.step_losses is not None:
             self._submit_steps(self.step_losses.read(), worker)  # an epoch that did not end
-        failure = sys.exc_info()[1]  # on_fit_end runs inside fit's exception handler when it failed
+        failure = run.error
         status = "FINISHED" if failure is None else "KILLED" if isinstance(failure, TrainingInterrupted) else "FAILED"
         self.history.to_csv(folder / "history.csv")
         weights = save_weights(run.module, folder / "weights.pt") if self.log_weights else None
-
-        def finish() -> None:
-            try:
-                self.finish(folder / "history.csv", weights, status)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-
-        worker.submit(finish)
+        worker.submit(lambda: self.finish(folder / "history.csv", weights, status))
 
     def state_dict(self) -> dict[str, Any]:
         """The tracked run, for a resumed fit to continue it."""
