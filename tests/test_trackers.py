@@ -297,16 +297,19 @@ def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
 
 def wandb_records(path: Path) -> Iterator[Any]:
     """The records of an offline run's ``run-<id>.wandb``: W&B's file header (7 bytes), then
-    LevelDB-log blocks of 32 KiB (each chunk: checksum, length, type), each record a protobuf."""
+    LevelDB-log blocks of 32 KiB (each chunk: checksum, length, type), each record a protobuf.
+    A file cut short (a chunk past its end, a record left open) fails here, not as missing values."""
     from wandb.proto import wandb_internal_pb2
 
     data, position, pending = path.read_bytes(), 7, b""
     assert data[:4] == b":W&B"
-    while position + 7 <= len(data):
+    while position < len(data):
         if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+            assert not data[position : position - position % 32768 + 32768].strip(b"\0"), (path, position)
             position += 32768 - position % 32768
             continue
         _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        assert position + 7 + length <= len(data), f"{path} is cut short at byte {position}"
         pending += data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
@@ -314,13 +317,19 @@ def wandb_records(path: Path) -> Iterator[Any]:
             record.ParseFromString(pending)
             pending = b""
             yield record
+    assert position == len(data) and not pending, f"{path} ends inside a record"
 
 
 def wandb_runs(folder: Path) -> list[dict[str, Any]]:
-    """Each offline run folder, oldest first: its id, config, epochs, step losses, artifacts, exit code."""
+    """Each offline run folder, oldest first: its id, config, epochs and step losses (as logged, in
+    order: an epoch logged twice shows twice), artifacts, exit code."""
+    import wandb
+
+    wandb.teardown()  # W&B's service writes the run file after finish() returns: wait for it to end
     runs = []
     for run_folder in sorted((folder / "wandb").glob("offline-run-*")):
-        found: dict[str, Any] = {"folder": run_folder, "epochs": {}, "steps": {}, "artifacts": [], "exit": None}
+        found: dict[str, Any] = {"folder": run_folder, "epochs": [], "values": {}, "steps": [], "losses": {},
+                                 "artifacts": [], "exit": None}  # fmt: skip
         for record in wandb_records(next(run_folder.glob("run-*.wandb"))):
             kind = record.WhichOneof("record_type")
             if kind == "run":
@@ -331,13 +340,16 @@ def wandb_runs(folder: Path) -> list[dict[str, Any]]:
                     item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
                 }
                 if "epoch" in values:
-                    found["epochs"][values["epoch"]] = values
+                    found["epochs"].append(values["epoch"])
+                    found["values"][values["epoch"]] = values
                 if "global_step" in values:
-                    found["steps"][values["global_step"]] = values[STEP_KEY]
+                    found["steps"].append(values["global_step"])
+                    found["losses"][values["global_step"]] = values[STEP_KEY]
             elif kind == "artifact":
                 found["artifacts"].append((record.artifact.name, record.artifact.type))
             elif kind == "exit":
                 found["exit"] = record.exit.exit_code
+        assert found["exit"] is not None, f"{run_folder} has no exit record"
         runs.append(found)
     return runs
 
@@ -349,9 +361,9 @@ def test_wandb_by_name_logs_the_config_epochs_and_artifacts(wandb_offline: Path,
     assert {key: config[key] for key in ("lr", "seed", "device", "batch_size", "model", "train_samples")} == {
         "lr": 0.01, "seed": 0, "device": "cpu", "batch_size": 32, "model": "Sequential", "train_samples": 240,
     }  # fmt: skip
-    assert sorted(run["epochs"]) == [1, 2, 3]
+    assert run["epochs"] == [1, 2, 3]
     for key, values in history.items():
-        assert [run["epochs"][epoch][key] for epoch in (1, 2, 3)] == values, key
+        assert [run["values"][epoch][key] for epoch in (1, 2, 3)] == values, key
     assert run["artifacts"] == [(f"model-{run['id']}", "model")] and run["exit"] == 0
     assert (run["folder"] / "files" / "history.csv").read_text() == history_csv(history, tmp_path)
 
@@ -375,11 +387,11 @@ def test_wandb_resume_continues_the_same_run(wandb_offline: Path) -> None:
     assert first["id"] == resumed["id"] and (first["exit"], resumed["exit"]) == (1, 0)
     # Offline W&B has no server to say what it holds: the epochs logged after the checkpoint the
     # resumed run took may show in both files, with the same values.
-    epochs = first["epochs"] | resumed["epochs"]
+    epochs = first["values"] | resumed["values"]
     assert sorted(epochs) == [1, 2, 3, 4] and 4 in resumed["epochs"]
     for key, values in without_time(history).items():
         assert [epochs[epoch][key] for epoch in (1, 2, 3, 4)] == values, key
-    assert sorted(first["steps"] | resumed["steps"]) == [4, 8, 12, 16, 20, 24, 28, 32]
+    assert sorted(first["losses"] | resumed["losses"]) == [4, 8, 12, 16, 20, 24, 28, 32]
 
 
 # --- the files trackers ---
