@@ -368,30 +368,37 @@ def test_wandb_by_name_logs_the_config_epochs_and_artifacts(wandb_offline: Path,
     assert (run["folder"] / "files" / "history.csv").read_text() == history_csv(history, tmp_path)
 
 
-def test_wandb_resume_continues_the_same_run(wandb_offline: Path) -> None:
-    crash = {"at": 2}
+@pytest.mark.parametrize("logged", [False, True], ids=["crash-before-logging", "crash-after-logging"])
+def test_wandb_resume_continues_the_same_run_logging_each_epoch_once(wandb_offline: Path, logged: bool) -> None:
+    crash = {"at": 3}
 
     class Crash(tw.Callback):
         def on_epoch_end(self, run: tw.Run) -> None:
             if run.epoch + 1 == crash["at"]:
                 raise RuntimeError("the machine went away")
 
-    options = FIT | {"epochs": 4, "checkpoint_dir": "ck"}
-    logger = tw.WandbLogger(name="resumed", every_n_steps=4)
+    def fit(**options: Any) -> tw.History:
+        logger = tw.WandbLogger(name="resumed", every_n_steps=4)
+        placed = {"callbacks": [logger, Crash()]} if logged else {"callbacks": [Crash()], "log_to": logger}
+        return tw.fit(make_mlp(), blobs(), checkpoint_dir="ck", **placed, **(FIT | {"epochs": 4} | options))  # type: ignore[arg-type]
+
     with pytest.raises(RuntimeError, match="went away"):
-        tw.fit(make_mlp(), blobs(), callbacks=[Crash()], log_to=logger, **options)  # type: ignore[arg-type]
+        fit()
     crash["at"] = 0
-    history = tw.fit(make_mlp(), blobs(), callbacks=[Crash()], log_to=tw.WandbLogger(name="resumed", every_n_steps=4),
-                     resume=True, **options)  # type: ignore[arg-type]  # fmt: skip
+    history = fit(resume=True)
     first, resumed = wandb_runs(wandb_offline)
     assert first["id"] == resumed["id"] and (first["exit"], resumed["exit"]) == (1, 0)
-    # Offline W&B has no server to say what it holds: the epochs logged after the checkpoint the
-    # resumed run took may show in both files, with the same values.
+    # The checkpoint of epoch 2 waited for W&B to take epochs 1 and 2, so the resumed run does not
+    # log them again. Epoch 3 died before its checkpoint: when W&B had logged it (the logger before
+    # Crash), offline W&B cannot tell, and it shows in both files, with the same values.
+    assert first["epochs"] == ([1, 2, 3] if logged else [1, 2])
+    assert resumed["epochs"] == [3, 4]
     epochs = first["values"] | resumed["values"]
-    assert sorted(epochs) == [1, 2, 3, 4] and 4 in resumed["epochs"]
     for key, values in without_time(history).items():
         assert [epochs[epoch][key] for epoch in (1, 2, 3, 4)] == values, key
-    assert sorted(first["losses"] | resumed["losses"]) == [4, 8, 12, 16, 20, 24, 28, 32]
+    # The steps of epoch 3 were logged as it trained (and its last ones at fit's end), in either case.
+    assert first["steps"] == [4, 8, 12, 16, 20, 24]
+    assert resumed["steps"] == [20, 24, 28, 32]
 
 
 # --- the files trackers ---

@@ -575,7 +575,9 @@ def _built_in_callbacks(options: FitOptions, train: Batches, has_val: bool, devi
         )
     if options.terminate_on_nan is True or (options.terminate_on_nan == "auto" and device.type == "cpu"):
         added.append(TerminateOnNaN())
-    # Trackers before the Checkpointer: the checkpoint of an epoch records that it was logged.
+    # Trackers before the Checkpointer: an epoch's checkpoint records the epochs its trackers have
+    # taken, after waiting briefly for their threads (Tracker.state_dict); an epoch logged but not
+    # yet checkpointed when a run dies is trained, and offered to the trackers, again on resume.
     added += trackers_for(options.log_to)
     if options.checkpoint_dir is not None:
         added.append(Checkpointer(Path(options.checkpoint_dir), options.checkpoint_every))

@@ -29,6 +29,7 @@ from trainwell.weights import save_weights
 LogTo = str | Callback | Sequence[str | Callback] | None
 TRACKERS = ("csv", "mlflow", "tensorboard", "wandb")  # log_to's names
 MAX_QUEUED = 10_000  # calls waiting for a tracker's thread: past it, the tracker is not keeping up
+STATE_WAIT_SECONDS = 2.0  # how long a checkpoint waits for a tracker to take the epochs queued so far
 RUN_TAG = "trainwell.run"  # the MLflow tag that finds a run again when its id was not known at a checkpoint
 
 
@@ -140,6 +141,8 @@ class Worker:
         self.calls: queue.Queue[Callable[[], None] | None] = queue.Queue(MAX_QUEUED)
         self.error: BaseException | None = None
         self.done = threading.Event()
+        self.ran = threading.Condition()
+        self.submitted = self.finished = 0  # calls queued (by the training thread) and run (by this one)
         self.thread = threading.Thread(target=self._serve, name=f"trainwell-{name}", daemon=True)
         self.thread.start()
 
@@ -151,14 +154,23 @@ class Worker:
             self.calls.put_nowait(call)
         except queue.Full:
             self.error = RuntimeError(f"{MAX_QUEUED} calls are waiting: the tracker does not keep up with training")
+            return
+        self.submitted += 1
+
+    def settle(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for the calls queued so far to have run; whether they have."""
+        queued = self.submitted
+        with self.ran:
+            return self.ran.wait_for(lambda: self.finished >= queued or self.error is not None, timeout)
 
     def close(self, timeout: float) -> bool:
-        """Let the queued calls run; whether they all ran within ``timeout`` seconds."""
+        """Let the queued calls run; whether they all ran within ``timeout`` seconds (in all)."""
+        deadline = time.monotonic() + timeout
         try:
             self.calls.put(None, timeout=timeout)
         except queue.Full:
             return False
-        return self.done.wait(timeout)
+        return self.done.wait(max(deadline - time.monotonic(), 0))
 
     def _serve(self) -> None:
         while (call := self.calls.get()) is not None:
@@ -167,6 +179,9 @@ class Worker:
                     call()
                 except BaseException as error:  # any failure of the library: reported by the training thread
                     self.error = error
+            with self.ran:
+                self.finished += 1
+                self.ran.notify_all()
         self.done.set()
 
 
@@ -183,11 +198,14 @@ class Tracker(Callback):
       ``trainwell.load_weights`` file. A ModelCheckpoint's files stay where it wrote them.
 
     A resumed fit continues the tracked run and offers again the epochs of the History the
-    tracker may have missed. Trackers come before the checkpoint in ``fit``'s callbacks, so an
-    epoch's checkpoint follows its logging; a run killed between the two trains that epoch again
-    after resuming. MLflow, and W&B online, say which epochs and steps they hold, and those are not
-    logged again, so each shows once; offline W&B cannot tell, and such an epoch (and its steps)
-    shows in both of its offline files.
+    tracker may have missed. Trackers come before the checkpoint in ``fit``'s callbacks, and an
+    epoch's checkpoint waits briefly for the tracker's thread (``state_dict``), so it records the
+    epochs the tracked run holds. A run that dies after an epoch was logged but before its
+    checkpoint trains that epoch again after resuming: MLflow, and W&B online, say which epochs
+    and steps they hold, and those are not logged again, so each shows once (MLflow keeps the first
+    attempt's values of such an epoch, its ``time`` included); offline W&B cannot tell, and such
+    an epoch (and its steps) shows in both of its offline files, as do the epochs after a
+    checkpoint whose wait for a slow tracker ran out.
 
     Any exception from the tracking library warns once, names the tracker and the error, and
     stops logging for the run; training goes on. Calls run on a thread of their own (``Worker``),
@@ -218,12 +236,14 @@ class Tracker(Callback):
         self.started = False
         self.warned = False
         self.logged_epochs = 0  # epochs the library took (set by the worker)
+        self.lagging = False  # a checkpoint's wait for the worker ran out
         self.run_id: str | None = None
 
     # --- the training thread ---
 
     def on_fit_start(self, run: Run) -> None:
         self.worker, self.saved, self.started, self.warned, self.logged_epochs = None, None, False, False, 0
+        self.lagging = False
         if not run.is_main_process:
             return
         try:
@@ -297,7 +317,17 @@ class Tracker(Callback):
         worker.submit(lambda: self.finish(folder / "history.csv", weights, status))
 
     def state_dict(self) -> dict[str, Any]:
-        """The tracked run, for a resumed fit to continue it."""
+        """The tracked run and the epochs it took, for a resumed fit to continue it.
+
+        The tracker's thread lags behind training (W&B's ``init`` alone takes about a second), so
+        a checkpoint first waits, at most ``STATE_WAIT_SECONDS``, for the calls queued so far: its
+        count of logged epochs is then exact. After a wait that ran out (a slow or dead server),
+        later checkpoints do not wait until the thread has caught up again: training is not held
+        back more than once, and a resumed offline W&B run may then log some epochs again.
+        """
+        worker = self.worker
+        if worker is not None:
+            self.lagging = not worker.settle(0 if self.lagging else STATE_WAIT_SECONDS)
         return {"run_id": self.run_id, "epochs": self.logged_epochs}
 
     def _submit_epoch(self, epoch: int, logs: dict[str, float]) -> None:
