@@ -435,6 +435,25 @@ def test_csv_and_tensorboard_names_share_a_runs_folder_that_a_resume_continues(
     assert [event.value for event in events.Scalars("loss")] == pytest.approx(history["loss"], rel=1e-6)
 
 
+def test_runs_of_the_same_second_get_folders_of_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tensorboard", reason="the TensorBoard logger needs the optional tensorboard package")
+    monkeypatch.chdir(tmp_path)
+    csv_logger, board = tw.CSVLogger(), tw.TensorBoard()  # objects used for two fits each: a folder per fit
+    fits = [(["csv", "tensorboard"], 3), (["csv", "tensorboard"], 1), (csv_logger, 2), (csv_logger, 1), (board, 1),
+            (board, 2)]  # fmt: skip
+    for log_to, epochs in fits:
+        before = set(Path("runs").glob("*"))
+        history = tw.fit(make_mlp(), blobs(), log_to=log_to, **(FIT | {"epochs": epochs}))  # type: ignore[arg-type]
+        (folder,) = set(Path("runs").glob("*")) - before  # a new folder, even within the same second
+        files = sorted(path.name.split(".")[0] for path in folder.iterdir())
+        expected = ["events"] if log_to is board else ["history"] if log_to is csv_logger else ["events", "history"]
+        assert files == expected
+        if "history" in files:  # intact: the rows of this fit only
+            rows = list(csv.DictReader(io.StringIO((folder / "history.csv").read_text())))
+            assert [float(row["loss"]) for row in rows] == history["loss"]
+    assert len(list(Path("runs").iterdir())) == len(fits)
+
+
 # --- refusals ---
 
 

@@ -12,6 +12,7 @@ import io
 import os
 import socket
 import time
+import weakref
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -35,6 +36,47 @@ def default_log_dir(now: datetime | None = None) -> Path:
         True
     """
     return Path("runs") / f"{(now or datetime.now()).strftime('%b%d_%H-%M-%S')}_{socket.gethostname()}"
+
+
+def claim_log_dir(parent: str | Path = "runs", now: datetime | None = None) -> Path:
+    """Create and return a new folder ``<parent>/<Mon DD_HH-MM-SS>_<host>``, with ``-2``, ``-3``,
+    ... appended when a run of the same second (or another process) has it already: two runs never
+    share a folder.
+
+    Example:
+        >>> import tempfile
+        >>> parent, now = tempfile.mkdtemp(), datetime(2025, 5, 4)
+        >>> first, second = claim_log_dir(parent, now), claim_log_dir(parent, now)
+        >>> second.name == first.name + "-2"
+        True
+    """
+    base = Path(parent) / default_log_dir(now).name
+    base.parent.mkdir(parents=True, exist_ok=True)
+    number = 1
+    while True:
+        folder = base if number == 1 else base.with_name(f"{base.name}-{number}")
+        try:
+            folder.mkdir()  # exclusive: fails when the folder exists
+        except FileExistsError:
+            number += 1
+            continue
+        return folder
+
+
+class LogFolder:
+    """The folder trainwell chooses for a fit's files: claimed (``claim_log_dir``) once per fit, by
+    the first logger that asks, so that loggers sharing it (``log_to=["csv", "tensorboard"]``) write
+    to one folder and each fit gets its own."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.fit: weakref.ref[Run] | None = None
+
+    def claim(self, run: Run) -> Path:
+        """The folder of ``run``'s fit, created when ``run`` asks first."""
+        if self.path is None or self.fit is None or self.fit() is not run:
+            self.path, self.fit = claim_log_dir(), weakref.ref(run)
+        return self.path
 
 
 class StepLosses:
@@ -95,14 +137,15 @@ class CSVLogger(Callback):
 
     Args:
         path: The CSV file. None: ``history.csv`` in a new folder ``runs/<Mon DD_HH-MM-SS>_<host>``
-            (TensorBoard's convention; see ``fit(log_to="csv")``), and a resumed run continues the
-            file its checkpoint names.
+            (TensorBoard's convention; see ``fit(log_to="csv")``) for each fit, created when it
+            starts (``-2``, ... appended when the name is taken); a resumed run continues the file
+            its checkpoint names.
         append: Add to an existing file (its header is kept) instead of replacing it.
     """
 
     def __init__(self, path: str | Path | None = None, append: bool = False) -> None:
-        self.chosen = path is None  # trainwell chose the path: a resumed run takes its checkpoint's
-        self.path = default_log_dir() / "history.csv" if path is None else Path(path)
+        self.folder = LogFolder() if path is None else None  # trainwell chooses: a resumed run takes its checkpoint's
+        self.path: Path | None = None if path is None else Path(path)
         self.append = append
         self.file: IO[str] | None = None
         self.writer: Any = None
@@ -112,8 +155,10 @@ class CSVLogger(Callback):
 
     def on_fit_start(self, run: Run) -> None:
         self.kept = None
+        if self.folder is not None:
+            self.path = None  # this fit's folder: claimed now, or the checkpoint's
         if run.is_main_process and run.callback_states is None:  # a resumed run opens the file once its state is known
-            self._open()
+            self._open(run)
 
     def state_dict(self) -> dict[str, Any]:
         """The file and the rows written so far."""
@@ -122,10 +167,13 @@ class CSVLogger(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Keep only the rows written up to the checkpoint (in its file, when trainwell chose it)."""
         self.kept = int(state["rows"])
-        if self.chosen and "path" in state:
+        if self.folder is not None and state.get("path"):
             self.path = Path(state["path"])
 
-    def _open(self) -> None:
+    def _open(self, run: Run) -> None:
+        if self.path is None:
+            assert self.folder is not None
+            self.path = self.folder.claim(run) / "history.csv"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lines: list[list[str]] = []
         if (self.append or self.kept is not None) and self.path.is_file():
@@ -153,7 +201,7 @@ class CSVLogger(Callback):
         if not run.is_main_process:
             return
         if self.file is None:
-            self._open()
+            self._open(run)
         if not self.columns:
             self.columns = ["epoch", *run.logs]
             self.writer.writerow(self.columns)
@@ -185,8 +233,9 @@ class TensorBoard(Callback):
     resume shows twice.
 
     Args:
-        log_dir: The event-file folder. None: a new folder ``runs/<Mon DD_HH-MM-SS>_<host>``, as
-            TensorBoard's own ``SummaryWriter`` names it, and a resumed run continues the folder its
+        log_dir: The event-file folder. None: a new folder ``runs/<Mon DD_HH-MM-SS>_<host>`` for
+            each fit, as TensorBoard's own ``SummaryWriter`` names it, created when it starts
+            (``-2``, ... appended when the name is taken); a resumed run continues the folder its
             checkpoint names.
         every_n_steps: Also log the batch loss as ``batch/loss`` every N optimizer steps (the step
             is the optimizer step). The losses stay on the device and are read together every few
@@ -196,8 +245,10 @@ class TensorBoard(Callback):
     def __init__(self, log_dir: str | Path | None = None, every_n_steps: int | None = None) -> None:
         if every_n_steps is not None:
             check_count("every_n_steps", every_n_steps)
-        self.chosen = log_dir is None  # trainwell chose the folder: a resumed run takes its checkpoint's
-        self.log_dir = default_log_dir() if log_dir is None else Path(log_dir)
+        self.folder = (
+            LogFolder() if log_dir is None else None
+        )  # trainwell chooses: a resumed run takes its checkpoint's
+        self.log_dir: Path | None = None if log_dir is None else Path(log_dir)
         self.every_n_steps = every_n_steps
         self.writer: Any = None
         self.step_losses: StepLosses | None = None
@@ -208,12 +259,14 @@ class TensorBoard(Callback):
 
     def on_fit_start(self, run: Run) -> None:
         self.writer, self.purge_step, self.config = None, None, {}
+        if self.folder is not None:
+            self.log_dir = None  # this fit's folder: claimed now, or the checkpoint's
         if not run.is_main_process:
             return
         self._summary_writer()  # refuses a missing package before training
         if run.callback_states is None:  # a resumed run opens its folder once its state is known
             self.config = dict(run.config)
-            self._open()
+            self._open(run)
         elif self.every_n_steps is None:
             self.purge_step = run.start_epoch + 1  # the first epoch the resumed run logs
         if self.every_n_steps is not None:
@@ -225,7 +278,7 @@ class TensorBoard(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the checkpoint's folder, when trainwell chose it."""
-        if self.chosen and "log_dir" in state:
+        if self.folder is not None and state.get("log_dir"):
             self.log_dir = Path(state["log_dir"])
 
     def _summary_writer(self) -> Any:
@@ -239,8 +292,11 @@ class TensorBoard(Callback):
             ) from None
         return SummaryWriter
 
-    def _open(self) -> Any:
+    def _open(self, run: Run) -> Any:
         if self.writer is None:
+            if self.log_dir is None:
+                assert self.folder is not None
+                self.log_dir = self.folder.claim(run)
             self.writer = self._summary_writer()(str(self.log_dir), purge_step=self.purge_step)
             if self.config:
                 table = "\n".join(f"| {key} | {value} |" for key, value in self.config.items())
@@ -249,25 +305,25 @@ class TensorBoard(Callback):
 
     def _log_step(self, run: Run) -> None:
         if self.step_losses is not None:
-            self._write_steps(self.step_losses.keep(run))
+            self._write_steps(run, self.step_losses.keep(run))
 
-    def _write_steps(self, pairs: list[tuple[int, float]]) -> None:
+    def _write_steps(self, run: Run, pairs: list[tuple[int, float]]) -> None:
         for step, value in pairs:
-            self._open().add_scalar(STEP_KEY, value, step)
+            self._open(run).add_scalar(STEP_KEY, value, step)
 
     def on_epoch_end(self, run: Run) -> None:
         if not run.is_main_process:
             return
         if self.step_losses is not None:
-            self._write_steps(self.step_losses.read())
-        writer = self._open()
+            self._write_steps(run, self.step_losses.read())
+        writer = self._open(run)
         for key, value in run.logs.items():
             writer.add_scalar(key, value, run.epoch + 1)
         writer.flush()
 
     def on_fit_end(self, run: Run) -> None:
         if self.step_losses is not None and run.is_main_process:
-            self._write_steps(self.step_losses.read())  # the steps of an epoch that did not end
+            self._write_steps(run, self.step_losses.read())  # the steps of an epoch that did not end
         self.step_losses = None
         if self.writer is not None:
             self.writer.close()

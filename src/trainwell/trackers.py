@@ -22,7 +22,7 @@ from typing import Any
 from trainwell.callbacks import Callback
 from trainwell.errors import TrainingInterrupted, check_count, config_error, describe, unknown_name_error, warn
 from trainwell.history import History
-from trainwell.loggers import STEP_KEY, CSVLogger, StepLosses, TensorBoard, default_log_dir
+from trainwell.loggers import STEP_KEY, CSVLogger, LogFolder, StepLosses, TensorBoard
 from trainwell.run import Run
 from trainwell.weights import save_weights
 
@@ -101,9 +101,10 @@ def trackers_for(log_to: LogTo) -> list[Callback]:
     configured as its users configure that tracker; logger objects are used as given.
 
     ``"tensorboard"`` and ``"csv"`` write to one new folder, ``runs/<Mon DD_HH-MM-SS>_<host>``
-    (TensorBoard's own default), the CSV as ``history.csv`` there.
+    (TensorBoard's own default; created when the fit starts, ``-2``, ... appended when the name is
+    taken), the CSV as ``history.csv`` there.
     """
-    folder = default_log_dir()
+    folder = LogFolder()
     built: list[Callback] = []
     for entry in _entries(log_to):
         if entry == "mlflow":
@@ -112,11 +113,11 @@ def trackers_for(log_to: LogTo) -> list[Callback]:
             built.append(WandbLogger())
         elif entry == "tensorboard":
             board = TensorBoard()
-            board.log_dir = folder  # the same folder as the CSV's, whichever second each was built in
+            board.folder = folder  # the same folder as the CSV's
             built.append(board)
         elif entry == "csv":
             logger = CSVLogger()
-            logger.path = folder / "history.csv"
+            logger.folder = folder
             built.append(logger)
         else:
             built.append(entry)
