@@ -98,7 +98,9 @@ def test_mlflow_by_name_logs_resolved_options_epochs_and_artifacts(
     expected = {"lr": "0.01", "optimizer": "SGD", "device": "cpu", "seed": "0", "batch_size": "32", "epochs": "3",
                 "loss": "cross_entropy", "metrics": "accuracy", "precision": "fp32", "grad_accum_steps": "1",
                 "scheduler": "None", "model": "Sequential", "parameters": "131", "train_samples": "240",
-                "val_samples": "60", "optimizer_momentum": "0"}  # fmt: skip
+                "val_samples": "60", "optimizer_momentum": "0", "shuffle": "True", "val_split": "0.2",
+                "class_weight": "False", "loss_weights": "None", "checkpoint_every": "None",
+                "terminate_on_nan": "True"}  # fmt: skip
     assert {key: params.get(key) for key in expected} == expected  # the optimizer's own lr, not a hidden None
     assert not Path("runs").exists()  # a tracker name writes no local folder of trainwell's
     for key, values in history.items():
@@ -110,6 +112,36 @@ def test_mlflow_by_name_logs_resolved_options_epochs_and_artifacts(
     tw.load_weights(restored, weights)
     for key, value in model.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key
+
+
+def test_run_config_holds_plain_values_not_the_optimizers_live_tensors() -> None:
+    seen: list[dict[str, Any]] = []
+
+    class Config(tw.Callback):
+        def on_fit_start(self, run: tw.Run) -> None:
+            seen.append(run.config)
+
+    model = make_mlp()
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=torch.tensor(0.01), betas=(torch.tensor(0.9), torch.tensor(0.99))
+    )
+    tw.fit(model, blobs(), optimizer=optimizer, callbacks=[Config()], class_weight=[1.0, 2.0, 1.0],  # type: ignore[arg-type]
+           **(FIT | {"epochs": 1}))  # fmt: skip
+    (config,) = seen
+
+    def plain(value: Any) -> bool:
+        if isinstance(value, (tuple, list)):
+            return all(plain(item) for item in value)
+        if isinstance(value, dict):
+            return all(isinstance(key, str) and plain(item) for key, item in value.items())
+        return value is None or isinstance(value, (bool, int, float, str))
+
+    assert [key for key, value in config.items() if not plain(value)] == []
+    assert config["lr"] == pytest.approx(0.01) and config["optimizer_betas"] == (
+        pytest.approx(0.9),
+        pytest.approx(0.99),
+    )
+    assert config["class_weight"] is True and config["terminate_on_nan"] is True
 
 
 def history_csv(history: tw.History, folder: Path) -> str:

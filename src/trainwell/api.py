@@ -333,40 +333,73 @@ def _resolved_options(
     device: torch.device,
     job: distributed.Distributed | None,
 ) -> dict[str, Any]:
-    """``run.config``: fit's options as the run resolved them (trackers log them as parameters)."""
+    """``run.config``: fit's options as the run resolved them (trackers log them as parameters).
+
+    Plain Python values only (numbers, strings, booleans, None, tuples and dicts of them), made
+    here on the training thread: a tracker's thread reads them later, and an optimizer's live
+    tensors (``lr=torch.tensor(...)``) change under it as training goes.
+    """
     group = {key: value for key, value in optimizer.param_groups[0].items() if key != "params"}
     hyperparameters = {
         f"optimizer_{key}": value
         for key, value in group.items()
-        if key not in _IMPLEMENTATION_FLAGS and isinstance(value, _PLAIN)
+        if key not in _IMPLEMENTATION_FLAGS and _is_plain(value)
     }
     metrics = [slot.name for slot in tally.slots]
-    return {
+    config = {
         "model": type(model).__name__,
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
         "trainable_parameters": sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad),
         "train_samples": train.num_samples,
         "val_samples": None if val is None else val.num_samples,
+        "val_split": options.val_split if options.val is None else None,
         "epochs": options.epochs,
         "batch_size": train.batch_size,
+        "shuffle": options.shuffle,
         "optimizer": type(optimizer).__name__,
         "lr": group.get("lr"),
         **hyperparameters,
         "loss": _name_of(options.loss) if options.step is None or options.loss is not None else "custom step",
+        "loss_weights": options.loss_weights,
+        "class_weight": options.class_weight is not None,
         "metrics": ", ".join(metrics),
         "scheduler": None if options.scheduler is None else _name_of(options.scheduler),
         "precision": options.precision,
         "grad_accum_steps": options.grad_accum_steps,
         "clip_grad_norm": options.clip_grad_norm,
         "clip_grad_value": options.clip_grad_value,
+        "terminate_on_nan": options.terminate_on_nan is True
+        or (options.terminate_on_nan == "auto" and device.type == "cpu"),
+        "checkpoint_every": options.checkpoint_every,
         "seed": seed,
         "device": str(device),
         "world_size": 1 if job is None else job.world_size,
         "compile": options.compile,
     }
+    return {key: _plain(value) for key, value in config.items()}
 
 
-_PLAIN = (bool, int, float, str, tuple)
+def _is_plain(value: Any) -> bool:
+    """Whether ``value`` is a number, a string, a one-element tensor, or a tuple of them."""
+    if isinstance(value, tuple):
+        return all(_is_plain(item) for item in value)
+    return isinstance(value, (bool, int, float, str)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain Python: a one-element tensor's number (read once, here), tuples and
+    mappings element-wise, anything else but numbers, strings and None as its text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(item) for item in value)
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    return str(value)
+
+
 _IMPLEMENTATION_FLAGS = ("lr", "foreach", "fused", "capturable", "differentiable")  # how torch steps, not what
 
 
