@@ -433,6 +433,20 @@ def test_wandb_resume_continues_the_same_run_logging_each_epoch_once(wandb_offli
     assert resumed["steps"] == [20, 24, 28, 32]
 
 
+def test_wandb_logs_beside_the_users_own_run_and_leaves_it_open(wandb_offline: Path) -> None:
+    import wandb
+
+    mine = wandb.init(config={"mine": 1})
+    tw.fit(make_mlp(), blobs(), log_to="wandb", **FIT)  # type: ignore[arg-type]
+    assert wandb.run is mine  # still the user's run, still open
+    mine.log({"after": 1.0})
+    mine.finish()
+    runs = {run["id"]: run for run in wandb_runs(wandb_offline)}
+    assert len(runs) == 2 and runs[mine.id]["epochs"] == [] and runs[mine.id]["config"]["mine"] == 1
+    (ours,) = [run for key, run in runs.items() if key != mine.id]
+    assert ours["epochs"] == [1, 2, 3] and ours["exit"] == 0
+
+
 # --- the files trackers ---
 
 

@@ -599,9 +599,8 @@ class WandbLogger(Tracker):
 
     def open(self, saved: dict[str, Any] | None) -> None:
         wandb = importlib.import_module("wandb")
-        options: dict[str, Any] = {"id": self.run_id, "resume": "allow", "config": self.config}
-        if _version(wandb.__version__) >= (0, 19, 10):
-            options["reinit"] = "create_new"  # beside the user's own run, which stays as it is
+        # reinit="create_new" (wandb >= 0.19.10): beside the user's own run, which stays as it is
+        options = {"id": self.run_id, "resume": "allow", "config": self.config, "reinit": "create_new"}
         self.wandb_run = wandb.init(**(options | self.init_options))
         if saved is not None:
             self.wandb_run.config.update(self.config, allow_val_change=True)
@@ -642,11 +641,3 @@ class WandbLogger(Tracker):
             artifact.add_file(str(weights))
             run.log_artifact(artifact)
         run.finish(exit_code=0 if status == "FINISHED" else 1)
-
-
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for part in text.split(".")[:3]:
-        digits = "".join(character for character in part if character.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
