@@ -114,6 +114,32 @@ def test_mlflow_by_name_logs_resolved_options_epochs_and_artifacts(
         assert torch.equal(restored.state_dict()[key], value), key
 
 
+def test_the_logged_weights_are_a_model_checkpoints_best_else_those_early_stopping_restored(
+    mlflow_uri: str, tmp_path: Path
+) -> None:
+    worst = {"monitor": "val_loss", "mode": "max"}  # the loss falls: the "best" is epoch 1, not the last
+    for name, callbacks in (("early", [tw.EarlyStopping(patience=9, **worst)]),  # type: ignore[arg-type]
+                            ("checkpoint", [tw.ModelCheckpoint(tmp_path / "best.pt", save_best_only=True, **worst)]),  # type: ignore[arg-type]
+                            ("both", [tw.EarlyStopping(patience=9, **worst),  # type: ignore[arg-type]
+                                      tw.ModelCheckpoint(tmp_path / "e{epoch}.pt", **worst)])):  # type: ignore[arg-type]  # fmt: skip
+        experiment = f"weights-{name}-{uuid.uuid4().hex[:8]}"
+        model = make_mlp()
+        tw.fit(model, blobs(), callbacks=callbacks, log_to=tw.MLflowLogger(experiment=experiment, tracking_uri=mlflow_uri),
+               **FIT)  # type: ignore[arg-type]  # fmt: skip
+        (run,) = experiment_runs(mlflow_uri, experiment)
+        logged = artifact(mlflow_uri, run.info.run_id, "weights.pt", tmp_path / name)
+        if name == "checkpoint":  # the checkpoint's best file, not the last epoch's weights fit returns
+            assert logged.read_bytes() == (tmp_path / "best.pt").read_bytes()
+            continue
+        expected = (tmp_path / "e1.pt").read_bytes() if name == "both" else None
+        if expected is not None:
+            assert logged.read_bytes() == expected
+        restored = make_mlp(seed=1)
+        tw.load_weights(restored, logged)
+        for key, value in model.state_dict().items():  # EarlyStopping restored epoch 1's before the tracker's end
+            assert torch.equal(restored.state_dict()[key], value), key
+
+
 def test_run_config_holds_plain_values_not_the_optimizers_live_tensors() -> None:
     seen: list[dict[str, Any]] = []
 

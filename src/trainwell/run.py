@@ -94,7 +94,10 @@ def _scalar(loss: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class Dispatcher(Protocol):
-    """Calls the callbacks that listen to a hook (implemented in ``callbacks``)."""
+    """Calls the callbacks that listen to a hook (implemented in ``callbacks``); ``callbacks``
+    lists them in order."""
+
+    callbacks: list[Any]
 
     def fire(self, hook: Hook, run: Run) -> None: ...
     def fire_all(self, hook: Hook, run: Run) -> list[BaseException]: ...
@@ -104,6 +107,9 @@ class Dispatcher(Protocol):
 
 class NoCallbacks:
     """A dispatcher with no listeners, for evaluate/predict without a display."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Any] = []
 
     def fire(self, hook: Hook, run: Run) -> None:
         """Do nothing."""

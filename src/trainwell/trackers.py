@@ -24,7 +24,7 @@ from trainwell.errors import TrainingInterrupted, check_count, config_error, des
 from trainwell.history import History
 from trainwell.loggers import STEP_KEY, CSVLogger, LogFolder, StepLosses, TensorBoard
 from trainwell.run import Run
-from trainwell.weights import save_weights
+from trainwell.weights import ModelCheckpoint, save_weights
 
 LogTo = str | Callback | Sequence[str | Callback] | None
 TRACKERS = ("csv", "mlflow", "tensorboard", "wandb")  # log_to's names
@@ -194,9 +194,12 @@ class Tracker(Callback):
     - At each epoch's end: every value of ``run.logs``, with the 1-based epoch as the step; with
       ``every_n_steps``, also the batch loss as ``batch/loss`` every N optimizer steps (the step is
       the optimizer step), read from the device every few seconds, never once per step.
-    - At ``fit``'s end: ``history.csv`` (the History) and, with ``log_weights``, ``weights.pt``: the
-      weights ``fit`` hands back (the best epoch's when EarlyStopping restores them), as a
-      ``trainwell.load_weights`` file. A ModelCheckpoint's files stay where it wrote them.
+    - At ``fit``'s end: ``history.csv`` (the History) and, with ``log_weights``, ``weights.pt`` (a
+      ``trainwell.load_weights`` file): the best epoch's file of a ``ModelCheckpoint`` in the fit
+      that monitors a value, else the weights ``fit`` hands back (the best epoch's when
+      ``EarlyStopping`` restores them: ``log_to``'s trackers come after the user's callbacks, so
+      their end follows the restore; a tracker passed in ``callbacks=`` must come after the
+      ``EarlyStopping`` to see it).
 
     A resumed fit continues the tracked run and offers again the epochs of the History the
     tracker may have missed. Trackers come before the checkpoint in ``fit``'s callbacks, and an
@@ -314,7 +317,7 @@ class Tracker(Callback):
         failure = run.error
         status = "FINISHED" if failure is None else "KILLED" if isinstance(failure, TrainingInterrupted) else "FAILED"
         self.history.to_csv(folder / "history.csv")
-        weights = save_weights(run.module, folder / "weights.pt") if self.log_weights else None
+        weights = _weights(run, folder / "weights.pt") if self.log_weights else None
         worker.submit(lambda: self.finish(folder / "history.csv", weights, status))
 
     def state_dict(self) -> dict[str, Any]:
@@ -389,6 +392,21 @@ class Tracker(Callback):
     def finish(self, history: Path, weights: Path | None, status: str) -> None:
         """Log the artifacts and end the tracked run (on the worker thread)."""
         raise NotImplementedError
+
+
+def _weights(run: Run, path: Path) -> Path:
+    """Write the weights a tracker logs to ``path``: the file of the best epoch of the fit's first
+    ``ModelCheckpoint`` that has one (a copy: the checkpoint may change it later), else the
+    weights ``fit`` hands back as they are now."""
+    best = next(
+        (callback.best_path for callback in run.callbacks.callbacks
+         if isinstance(callback, ModelCheckpoint) and callback.best_path is not None and callback.best_path.is_file()),
+        None,
+    )  # fmt: skip
+    if best is None:
+        return save_weights(run.module, path)
+    shutil.copyfile(best, path)
+    return path
 
 
 class MLflowLogger(Tracker):
