@@ -198,6 +198,44 @@ def test_mlflow_logger_object_sets_names_tags_and_step_losses(mlflow_uri: str, t
     ]
 
 
+def test_an_experiment_id_of_mlflows_current_store_is_not_used_in_another(
+    mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    chosen = client.create_experiment(f"by-id-{uuid.uuid4().hex[:8]}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", chosen)
+    for current, expected in ((mlflow_uri, chosen), (f"sqlite:///{tmp_path / 'other.db'}", "0")):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", current)  # MLflow's current store, and the id's
+        name = f"run-{uuid.uuid4().hex[:8]}"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tw.fit(make_mlp(), blobs(), log_to=tw.MLflowLogger(run_name=name, tracking_uri=mlflow_uri), **FIT)  # type: ignore[arg-type]
+        assert trainwell_warnings(caught) == []
+        (run,) = client.search_runs([expected], filter_string=f"attributes.run_name = '{name}'")
+        assert run.info.status == "FINISHED"
+    assert not (tmp_path / "other.db").exists()
+
+
+def test_an_experiment_created_by_a_parallel_run_at_the_same_moment_is_used(mlflow_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    name = f"race-{uuid.uuid4().hex[:8]}"
+
+    class Racing(MlflowClient):  # a real client; another sweep's run creates the experiment just after our look-up
+        def get_experiment_by_name(self, name: str) -> Any:
+            found = super().get_experiment_by_name(name)
+            if found is None and not getattr(self, "raced", False):
+                self.raced = True
+                MlflowClient(tracking_uri=mlflow_uri).create_experiment(name)
+            return found
+
+    logger = tw.MLflowLogger(experiment=name, tracking_uri=mlflow_uri)
+    found = MlflowClient(tracking_uri=mlflow_uri).get_experiment_by_name
+    assert logger._experiment(Racing(tracking_uri=mlflow_uri)) == found(name).experiment_id  # type: ignore[union-attr]
+
+
 def test_step_losses_are_kept_on_the_device_not_read_per_step(mlflow_uri: str, tmp_path: Path) -> None:
     per_step: list[int] = []
 

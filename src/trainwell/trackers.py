@@ -416,10 +416,13 @@ class MLflowLogger(Tracker):
     Without arguments it uses MLflow's own configuration: the tracking URI of
     ``mlflow.set_tracking_uri`` or ``MLFLOW_TRACKING_URI`` (else MLflow's default store), and the
     experiment of ``mlflow.set_experiment``, ``MLFLOW_EXPERIMENT_NAME`` or ``MLFLOW_EXPERIMENT_ID``
-    (else MLflow's default experiment). It creates its own run with ``MlflowClient`` and leaves
-    the user's active run alone. A resumed fit continues the run (also one whose id was not yet
-    known when the checkpoint was written: it is found by its ``trainwell.run`` tag), and logs
-    only the epochs and steps MLflow does not hold yet, so each appears once.
+    (else MLflow's default experiment). With a ``tracking_uri`` of another store than MLflow's
+    current one, the experiment ids of ``mlflow.set_experiment`` and ``MLFLOW_EXPERIMENT_ID``
+    (ids of that other store) are not used: ``MLFLOW_EXPERIMENT_NAME``, else the default
+    experiment. It creates its own run with ``MlflowClient`` and leaves the user's active run
+    alone. A resumed fit continues the run (also one whose id was not yet known when the checkpoint
+    was written: it is found by its ``trainwell.run`` tag), and logs only the epochs and steps
+    MLflow does not hold yet, so each appears once.
 
     Needs ``pip install 'trainwell[mlflow]'``.
 
@@ -459,16 +462,19 @@ class MLflowLogger(Tracker):
         self.tags = dict(tags or {})
         self.uri = ""
         self.active_experiment: str | None = None
+        self.same_store = True
         self.key = ""
         self.client: Any = None
         self.held: dict[str, int] = {}  # a resumed run's last step of each key in MLflow
 
     def prepare(self, run: Run) -> None:
         mlflow = require("mlflow", "MLflowLogger")
-        self.uri = self.tracking_uri or mlflow.get_tracking_uri()
-        self.active_experiment = getattr(
-            importlib.import_module("mlflow.tracking.fluent"), "_active_experiment_id", None
-        )
+        current = mlflow.get_tracking_uri()
+        self.uri = self.tracking_uri or current
+        # Experiment ids of MLflow's current store mean nothing in another one.
+        self.same_store = self.tracking_uri is None or self.tracking_uri == current
+        fluent = importlib.import_module("mlflow.tracking.fluent")
+        self.active_experiment = getattr(fluent, "_active_experiment_id", None) if self.same_store else None
         self.key, self.run_id, self.client, self.held = secrets.token_hex(16), None, None, {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -508,14 +514,24 @@ class MLflowLogger(Tracker):
 
     def _experiment(self, client: Any) -> str:
         name = self.experiment
-        if name is None:
+        if name is None:  # MLflow's own order: set_experiment, MLFLOW_EXPERIMENT_NAME, MLFLOW_EXPERIMENT_ID
             if self.active_experiment:
                 return self.active_experiment
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
             if name is None:
-                return os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"  # MLflow's Default experiment
+                return (os.environ.get("MLFLOW_EXPERIMENT_ID") if self.same_store else None) or "0"  # 0: Default
         found = client.get_experiment_by_name(name)
-        return str(found.experiment_id) if found is not None else str(client.create_experiment(name))
+        if found is not None:
+            return str(found.experiment_id)
+        try:
+            return str(client.create_experiment(name))
+        except Exception as error:  # parallel runs of a sweep create it at once: one wins
+            if getattr(error, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                raise
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return str(found.experiment_id)
 
     def log_epoch(self, epoch: int, logs: dict[str, float], stamp: float) -> None:
         self._log_metrics([(key, value, epoch) for key, value in logs.items()], stamp)
