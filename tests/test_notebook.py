@@ -260,10 +260,14 @@ def test_updates_that_take_long_are_sent_less_often(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(notebook.LiveOutput, "show", lambda *args: time.sleep(0.02) or record(*args))
     monkeypatch.setattr(progress, "NOTEBOOK_REFRESH_SECONDS", 0.0)
     monkeypatch.setattr(progress, "SENDING_SHARE", 0.1)  # each 20 ms update waits 0.2 s before the next
+    reads: list[int] = []
+    original = tw.Run.running_logs
+    monkeypatch.setattr(tw.Run, "running_logs", lambda run: reads.append(1) or original(run))
     started = time.perf_counter()
     _fit(epochs=100, batch_size=64, progress="plot")
     seconds = time.perf_counter() - started
     assert 2 <= len(recorder.pages) <= seconds / 0.2 + 2  # the first, one per 0.2 s at most, and the last
+    assert len(reads) <= len(recorder.pages)  # the running values are read only for an update sent
 
 
 def test_during_an_epoch_the_bar_shows_the_running_values_and_the_time_left(monkeypatch: pytest.MonkeyPatch) -> None:

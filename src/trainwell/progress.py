@@ -171,6 +171,8 @@ class ProgressDisplay(Callback):
         self.last_refresh = now
         self._check_again_in(refresh, done, now)
         if self.board is not None:
+            if now < self.board.due:  # the last update took long: no read for one not sent
+                return
             running = {} if run.phase == "predict" else run.running_logs()
             elapsed = now - self.epoch_started
             left = _time_left(elapsed, done - self.first_batch, None if total is None else total - done)
