@@ -29,6 +29,7 @@ import trainwell as tw
 from test_loop import count_host_syncs
 from trainwell.history import TIME_KEYS
 from trainwell.loggers import STEP_KEY
+from trainwell.trackers import Session
 
 from conftest import blobs, make_mlp, without_time
 
@@ -233,7 +234,8 @@ def test_an_experiment_created_by_a_parallel_run_at_the_same_moment_is_used(mlfl
 
     logger = tw.MLflowLogger(experiment=name, tracking_uri=mlflow_uri)
     found = MlflowClient(tracking_uri=mlflow_uri).get_experiment_by_name
-    assert logger._experiment(Racing(tracking_uri=mlflow_uri)) == found(name).experiment_id  # type: ignore[union-attr]
+    session = Session(config={}, history=tw.History())
+    assert logger._experiment(session, Racing(tracking_uri=mlflow_uri)) == found(name).experiment_id  # type: ignore[union-attr]
 
 
 def test_step_losses_are_kept_on_the_device_not_read_per_step(mlflow_uri: str, tmp_path: Path) -> None:
@@ -296,6 +298,37 @@ def test_a_dead_mlflow_server_neither_stops_nor_stalls_training(
     (message,) = trainwell_warnings(caught)
     assert message.startswith("MLflow did not finish within 2 s")
     assert list(temporary.glob("trainwell-*")) == []  # removed by fit, though the worker never got to them
+
+
+def test_a_late_thread_of_a_timed_out_fit_writes_into_its_own_run_not_the_next_fits(mlflow_uri: str) -> None:
+    import threading
+
+    name = f"late-{uuid.uuid4().hex[:8]}"
+    gate, late = threading.Event(), []
+
+    class Held(tw.MLflowLogger):  # the real logger, whose first fit's run is created late
+        def open(self, session: Session) -> None:
+            if not late:
+                late.append(threading.current_thread())
+                gate.wait(60)
+            super().open(session)
+
+    class Release(tw.Callback):  # during the second fit, the first fit's thread goes on
+        def on_epoch_end(self, run: tw.Run) -> None:
+            if run.epoch == 0 and late:
+                gate.set()
+                late[0].join(60)
+
+    logger = Held(experiment=name, tracking_uri=mlflow_uri, timeout=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tw.fit(make_mlp(), blobs(), log_to=logger, **FIT)  # type: ignore[arg-type]
+    assert trainwell_warnings(caught)[0].startswith("MLflow did not finish within 0.5 s")
+    history = tw.fit(make_mlp(seed=2), blobs(), callbacks=[Release(), logger], **FIT)  # type: ignore[arg-type]
+    assert not late[0].is_alive()
+    runs = {run.info.status: run for run in experiment_runs(mlflow_uri, name)}
+    second = runs["FINISHED"]  # the first fit's run never finished: its files were gone
+    assert metric_history(mlflow_uri, second.info.run_id, "loss") == list(enumerate(history["loss"], start=1))
 
 
 def test_a_store_that_fails_warns_once_and_training_goes_on(tmp_path: Path) -> None:
@@ -567,6 +600,10 @@ def test_runs_of_the_same_second_get_folders_of_their_own(tmp_path: Path, monkey
 # --- refusals ---
 
 
+LOGGER = tw.CSVLogger("never.csv")  # in callbacks= of each refusal below
+TWICE = tw.CSVLogger("never.csv")
+
+
 @pytest.mark.parametrize(
     ("log_to", "message"),
     [
@@ -575,6 +612,8 @@ def test_runs_of_the_same_second_get_folders_of_their_own(tmp_path: Path, monkey
         (3, r"log_to must be a tracker name, a logger object, or a list of them"),
         ([tw.EarlyStopping()], r"log_to takes tracker names or logger objects.*other callbacks go in callbacks="),
         (["csv", "csv"], r"log_to names 'csv' twice"),
+        ([TWICE, TWICE], r"The same CSVLogger object is given twice.*it is in log_to twice"),
+        ([LOGGER, "tensorboard"], r"The same CSVLogger object is given twice.*it is in log_to and in callbacks"),
     ],
 )
 def test_wrong_log_to_values_are_refused_before_any_work(
@@ -582,7 +621,7 @@ def test_wrong_log_to_values_are_refused_before_any_work(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(tw.ConfigError, match=f"(?s){message}"):
-        tw.fit(make_mlp(), blobs(), checkpoint_dir="ck", log_to=log_to, **FIT)  # type: ignore[arg-type]
+        tw.fit(make_mlp(), blobs(), checkpoint_dir="ck", log_to=log_to, callbacks=[LOGGER], **FIT)  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []  # no checkpoint folder, no runs folder
 
 

@@ -463,7 +463,7 @@ class FitOptions:
         self._check_validation()
         self._check_step()
         self._check_checkpointing()
-        check_log_to(self.log_to)
+        check_log_to(self.log_to, self.callbacks)
         check_lr(self.lr)
         if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
             raise unknown_name_error("optimizer", self.optimizer, OPTIMIZERS)

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,16 @@ def require(package: str, user: str) -> Any:
         ) from None
 
 
-def check_log_to(log_to: Any) -> None:
+def check_log_to(log_to: Any, callbacks: Sequence[Any] = ()) -> None:
     """Check ``fit``'s ``log_to`` (and that each named tracker's library is installed) before any work.
 
+    A logger object keeps the state of one fit's tracked run: it may appear once in a fit, in
+    ``log_to`` or in ``callbacks``.
+
     Raises:
-        ConfigError: An unknown name, a name given twice, an entry that is not a logger, or a
-            tracker whose library is missing (naming the extra to install).
+        ConfigError: An unknown name, a name or logger object given twice (also one both in
+            ``log_to`` and ``callbacks``), an entry that is not a logger, or a tracker whose
+            library is missing (naming the extra to install).
 
     Example:
         >>> check_log_to(["csv"])
@@ -71,6 +76,15 @@ def check_log_to(log_to: Any) -> None:
                 f"log_to entry {describe(entry)}",
                 "pass 'mlflow', 'wandb', 'tensorboard', 'csv', a list of them, or trainwell.MLflowLogger(...), "
                 "WandbLogger(...), TensorBoard(...), CSVLogger(...); other callbacks go in callbacks=.",
+            )
+    objects = [entry for entry in _entries(log_to) if not isinstance(entry, str)]
+    for index, entry in enumerate(objects):
+        repeated = any(other is entry for other in objects[:index])
+        if repeated or any(callback is entry for callback in callbacks):
+            raise config_error(
+                f"The same {type(entry).__name__} object is given twice.",
+                f"it is in log_to {'twice' if repeated else 'and in callbacks'}",
+                "pass each logger object once, in log_to or in callbacks (one object per tracked run).",
             )
     names = [entry for entry in _entries(log_to) if isinstance(entry, str)]
     twice = next((name for name in names if names.count(name) > 1), None)
@@ -186,6 +200,38 @@ class Worker:
         self.done.set()
 
 
+@dataclass(eq=False)
+class Session:
+    """One fit's tracked run: what the tracker's thread reads and writes. Its calls capture the
+    session of their fit, never the tracker's own fields, so that the late thread of a fit that
+    timed out cannot write into the run of the tracker's next fit.
+
+    Attributes:
+        config: ``run.config``; history: the fit's History.
+        saved: A resumed fit's state of the tracker (from its checkpoint), else None.
+        run_id: The tracked run's id (MLflow: once created; W&B: chosen before it starts).
+        key: MLflow: the ``trainwell.run`` tag that finds the run when its id was not known yet.
+        logged_epochs: The epochs the library took (set by the tracker's thread).
+        held: A resumed run's last step of each key the library holds.
+        handle: The library's object: MLflow's client, W&B's run.
+        uri, same_store, active_experiment: MLflow's store and experiment, read on the training thread.
+        defined: W&B: the keys given their step metric.
+    """
+
+    config: dict[str, Any]
+    history: History
+    saved: dict[str, Any] | None = None
+    run_id: str | None = None
+    key: str = ""
+    logged_epochs: int = 0
+    held: dict[str, int] = field(default_factory=dict)
+    handle: Any = None
+    uri: str = ""
+    same_store: bool = True
+    active_experiment: str | None = None
+    defined: set[str] = field(default_factory=set)
+
+
 class Tracker(Callback):
     """Base of the experiment trackers: what they log, and when, on the main process only.
 
@@ -233,69 +279,68 @@ class Tracker(Callback):
         self.log_weights = log_weights
         self.timeout = float(timeout)
         self.worker: Worker | None = None
+        self.session: Session | None = None  # the current (or last) fit's
         self.step_losses: StepLosses | None = None
-        self.history = History()
-        self.config: dict[str, Any] = {}
-        self.saved: dict[str, Any] | None = None
         self.started = False
         self.warned = False
-        self.logged_epochs = 0  # epochs the library took (set by the worker)
         self.lagging = False  # a checkpoint's wait for the worker ran out
-        self.run_id: str | None = None
 
     # --- the training thread ---
 
     def on_fit_start(self, run: Run) -> None:
-        self.worker, self.saved, self.started, self.warned, self.logged_epochs = None, None, False, False, 0
-        self.lagging = False
+        self.worker, self.session, self.started, self.warned, self.lagging = None, None, False, False, False
         if not run.is_main_process:
             return
+        session = Session(config=dict(run.config), history=run.history)
         try:
-            self.prepare(run)
+            self.prepare(run, session)
         except Exception as error:
             self._warn(error)
             return
-        self.history, self.config = run.history, dict(run.config)
+        self.session = session
         self.step_losses = None if self.every_n_steps is None else StepLosses(self.every_n_steps)
         self.worker = Worker(self.label)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the tracked run of the checkpoint."""
-        self.saved = dict(state)
+        if self.session is not None:
+            self.session.saved = dict(state)
+            self.restore(self.session, state)
 
     def on_epoch_start(self, run: Run) -> None:
-        if self.worker is None or self.started:
+        session = self.session
+        if self.worker is None or session is None or self.started:
             return
         self.started = True  # the first epoch of this fit: a resumed one's state is known now
-        saved = self.saved
-        self._submit(lambda: self.open(saved))
-        offered = self.first_offered_epoch(saved)
-        for epoch in range(offered, self.history.epochs):  # epochs the tracked run may lack
-            row = {key: values[epoch] for key, values in self.history.items() if epoch < len(values)}
-            self._submit_epoch(epoch + 1, row)
+        self._submit(lambda: self.open(session))
+        offered = self.first_offered_epoch(session.saved)
+        for epoch in range(offered, session.history.epochs):  # epochs the tracked run may lack
+            row = {key: values[epoch] for key, values in session.history.items() if epoch < len(values)}
+            self._submit_epoch(session, epoch + 1, row)
 
     def _log_steps(self, run: Run) -> None:
-        if self.worker is not None and self.step_losses is not None:
+        if self.worker is not None and self.session is not None and self.step_losses is not None:
             pairs = self.step_losses.keep(run)
             if pairs:
-                self._submit_steps(pairs)
+                self._submit_steps(self.session, pairs)
 
     def on_epoch_end(self, run: Run) -> None:
-        if self.worker is None:
+        session = self.session
+        if self.worker is None or session is None:
             return
         if self.step_losses is not None:
-            self._submit_steps(self.step_losses.read())
-        self._submit_epoch(run.epoch + 1, dict(run.logs))
+            self._submit_steps(session, self.step_losses.read())
+        self._submit_epoch(session, run.epoch + 1, dict(run.logs))
         self._check()
 
     def on_fit_end(self, run: Run) -> None:
-        worker, self.worker = self.worker, None
-        if worker is None:
+        worker, session, self.worker = self.worker, self.session, None
+        if worker is None or session is None:
             return
         folder = Path(tempfile.mkdtemp(prefix="trainwell-"))
         try:
             if self.started:
-                self._finish(run, worker, folder)
+                self._finish(run, worker, session, folder)
             if worker.close(self.timeout):
                 self._check(worker)
             elif not self.warned:
@@ -311,14 +356,14 @@ class Tracker(Callback):
             # and fails on its own thread, which nobody waits for any more.
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _finish(self, run: Run, worker: Worker, folder: Path) -> None:
+    def _finish(self, run: Run, worker: Worker, session: Session, folder: Path) -> None:
         if self.step_losses is not None:
-            self._submit_steps(self.step_losses.read(), worker)  # an epoch that did not end
+            self._submit_steps(session, self.step_losses.read(), worker)  # an epoch that did not end
         failure = run.error
         status = "FINISHED" if failure is None else "KILLED" if isinstance(failure, TrainingInterrupted) else "FAILED"
-        self.history.to_csv(folder / "history.csv")
+        session.history.to_csv(folder / "history.csv")
         weights = _weights(run, folder / "weights.pt") if self.log_weights else None
-        worker.submit(lambda: self.finish(folder / "history.csv", weights, status))
+        worker.submit(lambda: self.finish(session, folder / "history.csv", weights, status))
 
     def state_dict(self) -> dict[str, Any]:
         """The tracked run and the epochs it took, for a resumed fit to continue it.
@@ -329,19 +374,21 @@ class Tracker(Callback):
         later checkpoints do not wait until the thread has caught up again: training is not held
         back more than once, and a resumed offline W&B run may then log some epochs again.
         """
-        worker = self.worker
+        worker, session = self.worker, self.session
+        if session is None:
+            return {}
         if worker is not None:
             self.lagging = not worker.settle(0 if self.lagging else STATE_WAIT_SECONDS)
-        return {"run_id": self.run_id, "epochs": self.logged_epochs}
+        return {"run_id": session.run_id, "epochs": session.logged_epochs, "key": session.key}
 
-    def _submit_epoch(self, epoch: int, logs: dict[str, float]) -> None:
+    def _submit_epoch(self, session: Session, epoch: int, logs: dict[str, float]) -> None:
         stamp = time.time()
-        self._submit(lambda: self.log_epoch(epoch, logs, stamp))
+        self._submit(lambda: self.log_epoch(session, epoch, logs, stamp))
 
-    def _submit_steps(self, pairs: list[tuple[int, float]], worker: Worker | None = None) -> None:
+    def _submit_steps(self, session: Session, pairs: list[tuple[int, float]], worker: Worker | None = None) -> None:
         if pairs:
             stamp = time.time()
-            self._submit(lambda: self.log_steps(pairs, stamp), worker)
+            self._submit(lambda: self.log_steps(session, pairs, stamp), worker)
 
     def _submit(self, call: Callable[[], None], worker: Worker | None = None) -> None:
         worker = worker or self.worker
@@ -370,26 +417,31 @@ class Tracker(Callback):
 
     # --- what each tracker implements ---
 
-    def prepare(self, run: Run) -> None:
-        """Read, in the training thread, the configuration the library keeps there."""
+    def prepare(self, run: Run, session: Session) -> None:
+        """Start ``session`` in the training thread: the run's id or key, and the configuration the
+        library keeps there."""
+
+    def restore(self, session: Session, state: dict[str, Any]) -> None:
+        """Take from a checkpoint's ``state`` the tracked run ``session`` continues."""
+        session.run_id = state.get("run_id") or session.run_id
 
     def first_offered_epoch(self, saved: dict[str, Any] | None) -> int:
         """The first epoch (0-based) of the History offered again when the tracker starts."""
         return 0 if saved is None else int(saved.get("epochs", 0))
 
-    def open(self, saved: dict[str, Any] | None) -> None:
-        """Start the tracked run, or continue ``saved``'s (on the worker thread)."""
+    def open(self, session: Session) -> None:
+        """Start the tracked run, or continue ``session.saved``'s (on the worker thread)."""
         raise NotImplementedError
 
-    def log_epoch(self, epoch: int, logs: dict[str, float], stamp: float) -> None:
+    def log_epoch(self, session: Session, epoch: int, logs: dict[str, float], stamp: float) -> None:
         """Log one epoch's values (on the worker thread)."""
         raise NotImplementedError
 
-    def log_steps(self, pairs: list[tuple[int, float]], stamp: float) -> None:
+    def log_steps(self, session: Session, pairs: list[tuple[int, float]], stamp: float) -> None:
         """Log ``(optimizer step, batch loss)`` pairs (on the worker thread)."""
         raise NotImplementedError
 
-    def finish(self, history: Path, weights: Path | None, status: str) -> None:
+    def finish(self, session: Session, history: Path, weights: Path | None, status: str) -> None:
         """Log the artifacts and end the tracked run (on the worker thread)."""
         raise NotImplementedError
 
@@ -460,66 +512,55 @@ class MLflowLogger(Tracker):
         self.run_name = run_name
         self.tracking_uri = tracking_uri
         self.tags = dict(tags or {})
-        self.uri = ""
-        self.active_experiment: str | None = None
-        self.same_store = True
-        self.key = ""
-        self.client: Any = None
-        self.held: dict[str, int] = {}  # a resumed run's last step of each key in MLflow
 
-    def prepare(self, run: Run) -> None:
+    def prepare(self, run: Run, session: Session) -> None:
         mlflow = require("mlflow", "MLflowLogger")
         current = mlflow.get_tracking_uri()
-        self.uri = self.tracking_uri or current
+        session.uri = self.tracking_uri or current
         # Experiment ids of MLflow's current store mean nothing in another one.
-        self.same_store = self.tracking_uri is None or self.tracking_uri == current
+        session.same_store = self.tracking_uri is None or self.tracking_uri == current
         fluent = importlib.import_module("mlflow.tracking.fluent")
-        self.active_experiment = getattr(fluent, "_active_experiment_id", None) if self.same_store else None
-        self.key, self.run_id, self.client, self.held = secrets.token_hex(16), None, None, {}
+        session.active_experiment = getattr(fluent, "_active_experiment_id", None) if session.same_store else None
+        session.key = secrets.token_hex(16)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue the tracked run of the checkpoint."""
-        super().load_state_dict(state)
-        self.key, self.run_id = state.get("key") or self.key, state.get("run_id")
-
-    def state_dict(self) -> dict[str, Any]:
-        """The tracked run's id (or, before MLflow gave it, the tag that finds it)."""
-        return super().state_dict() | {"key": self.key}
+    def restore(self, session: Session, state: dict[str, Any]) -> None:
+        session.key, session.run_id = state.get("key") or session.key, state.get("run_id")
 
     def first_offered_epoch(self, saved: dict[str, Any] | None) -> int:
         return 0  # MLflow says which epochs it holds: every other one of the History is logged
 
-    def open(self, saved: dict[str, Any] | None) -> None:
+    def open(self, session: Session) -> None:
         mlflow = importlib.import_module("mlflow")
-        client = mlflow.MlflowClient(tracking_uri=self.uri)
-        experiment = self._experiment(client)
-        run_id = self.run_id
-        if run_id is None and saved is not None:
-            found = client.search_runs([experiment], filter_string=f"tags.`{RUN_TAG}` = '{self.key}'", max_results=1)
+        client = mlflow.MlflowClient(tracking_uri=session.uri)
+        experiment = self._experiment(session, client)
+        run_id = session.run_id
+        if run_id is None and session.saved is not None:
+            tag = f"tags.`{RUN_TAG}` = '{session.key}'"
+            found = client.search_runs([experiment], filter_string=tag, max_results=1)
             run_id = found[0].info.run_id if found else None
-        params = {key: _param(value) for key, value in self.config.items()}
+        params = {key: _param(value) for key, value in session.config.items()}
         if run_id is not None:
             held = client.get_run(run_id).data.params
             params = {key: value for key, value in params.items() if key not in held}  # MLflow's are immutable
-            self.held = {key: _last_step(client, run_id, key) for key in [*self.history, STEP_KEY]}
+            session.held = {key: _last_step(client, run_id, key) for key in [*session.history, STEP_KEY]}
             client.update_run(run_id, status="RUNNING")
         else:
-            created = client.create_run(experiment, run_name=self.run_name, tags=self.tags | {RUN_TAG: self.key})
+            created = client.create_run(experiment, run_name=self.run_name, tags=self.tags | {RUN_TAG: session.key})
             run_id = created.info.run_id
-        self.client, self.run_id = client, run_id
+        session.handle, session.run_id = client, run_id
         entities = importlib.import_module("mlflow.entities")
         items = [entities.Param(key, value) for key, value in params.items()]
         for start in range(0, len(items), 100):  # MLflow's batch limit
             client.log_batch(run_id, params=items[start : start + 100])
 
-    def _experiment(self, client: Any) -> str:
+    def _experiment(self, session: Session, client: Any) -> str:
         name = self.experiment
         if name is None:  # MLflow's own order: set_experiment, MLFLOW_EXPERIMENT_NAME, MLFLOW_EXPERIMENT_ID
-            if self.active_experiment:
-                return self.active_experiment
+            if session.active_experiment:
+                return session.active_experiment
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
             if name is None:
-                return (os.environ.get("MLFLOW_EXPERIMENT_ID") if self.same_store else None) or "0"  # 0: Default
+                return (os.environ.get("MLFLOW_EXPERIMENT_ID") if session.same_store else None) or "0"  # 0: Default
         found = client.get_experiment_by_name(name)
         if found is not None:
             return str(found.experiment_id)
@@ -533,27 +574,29 @@ class MLflowLogger(Tracker):
                 raise
             return str(found.experiment_id)
 
-    def log_epoch(self, epoch: int, logs: dict[str, float], stamp: float) -> None:
-        self._log_metrics([(key, value, epoch) for key, value in logs.items()], stamp)
-        self.logged_epochs = max(self.logged_epochs, epoch)
+    def log_epoch(self, session: Session, epoch: int, logs: dict[str, float], stamp: float) -> None:
+        self._log_metrics(session, [(key, value, epoch) for key, value in logs.items()], stamp)
+        session.logged_epochs = max(session.logged_epochs, epoch)
 
-    def log_steps(self, pairs: list[tuple[int, float]], stamp: float) -> None:
-        self._log_metrics([(STEP_KEY, value, step) for step, value in pairs], stamp)
+    def log_steps(self, session: Session, pairs: list[tuple[int, float]], stamp: float) -> None:
+        self._log_metrics(session, [(STEP_KEY, value, step) for step, value in pairs], stamp)
 
-    def _log_metrics(self, values: list[tuple[str, float, int]], stamp: float) -> None:
+    def _log_metrics(self, session: Session, values: list[tuple[str, float, int]], stamp: float) -> None:
         metric = importlib.import_module("mlflow.entities").Metric
         milliseconds = int(stamp * 1000)
+        held = session.held
         items = [
-            metric(key, float(value), milliseconds, step) for key, value, step in values if step > self.held.get(key, 0)
+            metric(key, float(value), milliseconds, step) for key, value, step in values if step > held.get(key, 0)
         ]
         for start in range(0, len(items), 1000):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+            session.handle.log_batch(session.run_id, metrics=items[start : start + 1000])
 
-    def finish(self, history: Path, weights: Path | None, status: str) -> None:
-        self.client.log_artifact(self.run_id, str(history))
+    def finish(self, session: Session, history: Path, weights: Path | None, status: str) -> None:
+        client = session.handle
+        client.log_artifact(session.run_id, str(history))
         if weights is not None:
-            self.client.log_artifact(self.run_id, str(weights))
-        self.client.set_terminated(self.run_id, status)
+            client.log_artifact(session.run_id, str(weights))
+        client.set_terminated(session.run_id, status)
 
 
 def _param(value: Any) -> str:
@@ -618,60 +661,50 @@ class WandbLogger(Tracker):
         chosen = {"project": project, "name": name, "entity": entity, "tags": None if tags is None else list(tags),
                   "group": group, "mode": mode, "dir": None if dir is None else str(dir)}  # fmt: skip
         self.init_options = {key: value for key, value in chosen.items() if value is not None} | init_options
-        self.wandb_run: Any = None
-        self.defined: set[str] = set()
-        self.held = {"epoch": 0, "global_step": 0}  # a resumed run's last epoch and step in W&B
 
-    def prepare(self, run: Run) -> None:
-        self.run_id, self.wandb_run, self.defined = secrets.token_hex(4), None, set()
-        self.held = {"epoch": 0, "global_step": 0}
+    def prepare(self, run: Run, session: Session) -> None:
+        session.run_id, session.held = secrets.token_hex(4), {"epoch": 0, "global_step": 0}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue the tracked run of the checkpoint."""
-        super().load_state_dict(state)
-        self.run_id = state.get("run_id") or self.run_id
-
-    def open(self, saved: dict[str, Any] | None) -> None:
+    def open(self, session: Session) -> None:
         wandb = importlib.import_module("wandb")
         # reinit="create_new" (wandb >= 0.19.10): beside the user's own run, which stays as it is
-        options = {"id": self.run_id, "resume": "allow", "config": self.config, "reinit": "create_new"}
-        self.wandb_run = wandb.init(**(options | self.init_options))
-        if saved is not None:
-            self.wandb_run.config.update(self.config, allow_val_change=True)
+        options = {"id": session.run_id, "resume": "allow", "config": session.config, "reinit": "create_new"}
+        run = session.handle = wandb.init(**(options | self.init_options))
+        if session.saved is not None:
+            run.config.update(session.config, allow_val_change=True)
             # Online, W&B gives a resumed run its summary: the last epoch and step it holds are not
-            # logged again. Offline there is none, and the epochs logged after the checkpoint may
-            # appear twice.
-            summary = self.wandb_run.summary
-            self.held = {key: int(summary.get(key) or 0) for key in self.held}
-        self.wandb_run.define_metric("epoch")
-        self.wandb_run.define_metric("global_step")
+            # logged again. Offline there is none, and an epoch logged after the checkpoint
+            # appears twice.
+            session.held = {key: int(run.summary.get(key) or 0) for key in session.held}
+        run.define_metric("epoch")
+        run.define_metric("global_step")
 
-    def _define(self, key: str, step: str) -> None:
-        if key not in self.defined:
-            self.defined.add(key)
-            self.wandb_run.define_metric(key, step_metric=step)
+    def _define(self, session: Session, key: str, step: str) -> None:
+        if key not in session.defined:
+            session.defined.add(key)
+            session.handle.define_metric(key, step_metric=step)
 
-    def log_epoch(self, epoch: int, logs: dict[str, float], stamp: float) -> None:
-        if epoch > self.held["epoch"]:
+    def log_epoch(self, session: Session, epoch: int, logs: dict[str, float], stamp: float) -> None:
+        if epoch > session.held["epoch"]:
             for key in logs:
-                self._define(key, "epoch")
-            self.wandb_run.log({"epoch": epoch, **logs})
-        self.logged_epochs = max(self.logged_epochs, epoch)
+                self._define(session, key, "epoch")
+            session.handle.log({"epoch": epoch, **logs})
+        session.logged_epochs = max(session.logged_epochs, epoch)
 
-    def log_steps(self, pairs: list[tuple[int, float]], stamp: float) -> None:
-        self._define(STEP_KEY, "global_step")
+    def log_steps(self, session: Session, pairs: list[tuple[int, float]], stamp: float) -> None:
+        self._define(session, STEP_KEY, "global_step")
         for step, value in pairs:
-            if step > self.held["global_step"]:
-                self.wandb_run.log({"global_step": step, STEP_KEY: value})
+            if step > session.held["global_step"]:
+                session.handle.log({"global_step": step, STEP_KEY: value})
 
-    def finish(self, history: Path, weights: Path | None, status: str) -> None:
+    def finish(self, session: Session, history: Path, weights: Path | None, status: str) -> None:
         wandb = importlib.import_module("wandb")
-        run = self.wandb_run
+        run = session.handle
         copy = Path(run.dir) / history.name  # in the run's folder: saved as a copy, not a link to a temporary file
         shutil.copyfile(history, copy)
         run.save(str(copy), base_path=run.dir, policy="now")
         if weights is not None:
-            artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={"epochs": self.history.epochs})
+            artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={"epochs": session.history.epochs})
             artifact.add_file(str(weights))
             run.log_artifact(artifact)
         run.finish(exit_code=0 if status == "FINISHED" else 1)
