@@ -27,6 +27,7 @@ import torch
 
 import trainwell as tw
 from test_loop import count_host_syncs
+from trainwell import loggers
 from trainwell.history import TIME_KEYS
 from trainwell.loggers import STEP_KEY
 from trainwell.trackers import Session
@@ -175,28 +176,53 @@ def history_csv(history: tw.History, folder: Path) -> str:
     return history.to_csv(folder / "expected.csv").read_text()
 
 
-def test_mlflow_logger_object_sets_names_tags_and_step_losses(mlflow_uri: str, tmp_path: Path) -> None:
+def test_mlflow_logger_object_sets_names_tags_and_step_losses(mlflow_uri: str) -> None:
     name = f"object-{uuid.uuid4().hex[:8]}"
     logger = tw.MLflowLogger(experiment=name, run_name="baseline", tracking_uri=mlflow_uri, tags={"team": "vision"},
                              every_n_steps=4, log_weights=False)  # fmt: skip
-    reference = tw.TensorBoard(tmp_path / "board", every_n_steps=4)  # the same shared step mechanism
-    tw.fit(make_mlp(), blobs(), batch_size=30, callbacks=[reference], log_to=[logger], **FIT)  # type: ignore[arg-type]
+    losses: dict[int, float] = {}
+
+    class Losses(tw.Callback):  # the reference: each 4th step's loss, read with .item() right there
+        def on_train_batch_end(self, run: tw.Run) -> None:
+            if run.window_batches == 0 and run.global_step % 4 == 0:
+                assert run.loss is not None
+                losses[run.global_step] = run.loss.item()
+
+    tw.fit(make_mlp(), blobs(), batch_size=30, callbacks=[Losses()], log_to=[logger], **FIT)  # type: ignore[arg-type]
     (run,) = experiment_runs(mlflow_uri, name)
     assert run.info.run_name == "baseline" and run.data.tags["team"] == "vision"
     steps = metric_history(mlflow_uri, run.info.run_id, STEP_KEY)
     assert [step for step, _ in steps] == [4, 8, 12, 16, 20, 24]  # 8 steps per epoch, every 4th
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(tmp_path / "board"))
-    events.Reload()
-    assert [(event.step, event.value) for event in events.Scalars(STEP_KEY)] == [
-        (step, pytest.approx(value, rel=1e-6)) for step, value in steps
-    ]
+    assert steps == [(step, pytest.approx(value, rel=1e-6)) for step, value in sorted(losses.items())]
     from mlflow import MlflowClient
 
     assert [item.path for item in MlflowClient(tracking_uri=mlflow_uri).list_artifacts(run.info.run_id)] == [
         "history.csv"
     ]
+
+
+def test_step_losses_are_kept_on_the_device_not_read_per_step(
+    mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loggers, "READ_EVERY_SECONDS", 1e9)  # a slow machine must not reach the timed read
+    per_step: list[int] = []
+
+    class Watch(tw.Callback):  # after the loggers' on_train_batch_end: it measures theirs too
+        def on_train_batch_start(self, run: tw.Run) -> None:
+            self.context = count_host_syncs()
+            self.calls = self.context.__enter__()
+
+        def on_train_batch_end(self, run: tw.Run) -> None:
+            self.context.__exit__(None, None, None)
+            per_step.append(len(self.calls))
+
+    loggers_ = [
+        tw.MLflowLogger(experiment=f"sync-{uuid.uuid4().hex[:8]}", tracking_uri=mlflow_uri, every_n_steps=1),
+        tw.TensorBoard(tmp_path, every_n_steps=1),
+    ]
+    tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=2, batch_size=16, callbacks=[*loggers_, Watch()],
+           progress=False, terminate_on_nan=False)  # fmt: skip
+    assert per_step == [0] * 38  # read together at each epoch's end (or every few seconds), never per step
 
 
 def test_an_experiment_id_of_mlflows_current_store_is_not_used_in_another(
@@ -236,37 +262,6 @@ def test_an_experiment_created_by_a_parallel_run_at_the_same_moment_is_used(mlfl
     found = MlflowClient(tracking_uri=mlflow_uri).get_experiment_by_name
     session = Session(config={}, history=tw.History())
     assert logger._experiment(session, Racing(tracking_uri=mlflow_uri)) == found(name).experiment_id  # type: ignore[union-attr]
-
-
-def test_step_losses_are_kept_on_the_device_not_read_per_step(mlflow_uri: str, tmp_path: Path) -> None:
-    per_step: list[int] = []
-
-    class Watch(tw.Callback):  # after the loggers' on_train_batch_end: it measures theirs too
-        def on_train_batch_start(self, run: tw.Run) -> None:
-            self.context = count_host_syncs()
-            self.calls = self.context.__enter__()
-
-        def on_train_batch_end(self, run: tw.Run) -> None:
-            self.context.__exit__(None, None, None)
-            per_step.append(len(self.calls))
-
-    loggers = [
-        tw.MLflowLogger(experiment=f"sync-{uuid.uuid4().hex[:8]}", tracking_uri=mlflow_uri, every_n_steps=1),
-        tw.TensorBoard(tmp_path, every_n_steps=1),
-    ]
-    tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=2, batch_size=16, callbacks=[*loggers, Watch()],
-           progress=False, terminate_on_nan=False)  # fmt: skip
-    assert per_step == [0] * 38  # read together at each epoch's end (or every few seconds), never per step
-
-
-def test_a_fit_called_inside_an_except_block_is_finished_not_failed(mlflow_uri: str) -> None:
-    name = f"except-{uuid.uuid4().hex[:8]}"
-    try:
-        raise KeyError("the caller's own, already handled")
-    except KeyError:  # sys.exc_info() names it here: the fit's own outcome must not
-        tw.fit(make_mlp(), blobs(), log_to=tw.MLflowLogger(experiment=name, tracking_uri=mlflow_uri), **FIT)  # type: ignore[arg-type]
-    (run,) = experiment_runs(mlflow_uri, name)
-    assert run.info.status == "FINISHED"
 
 
 @pytest.fixture
@@ -547,8 +542,9 @@ def test_wandb_logs_beside_the_users_own_run_and_leaves_it_open(wandb_offline: P
 # --- the files trackers ---
 
 
-def test_csv_and_tensorboard_names_share_a_runs_folder_that_a_resume_continues(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("placed", ["log_to names", "objects before the crash"])
+def test_csv_and_tensorboard_resume_continue_their_folders_each_epoch_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, placed: str
 ) -> None:
     pytest.importorskip("tensorboard", reason="the TensorBoard logger needs the optional tensorboard package")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -556,23 +552,32 @@ def test_csv_and_tensorboard_names_share_a_runs_folder_that_a_resume_continues(
     monkeypatch.chdir(tmp_path)
     crash = {"at": 3}
 
-    class Crash(tw.Callback):  # the epoch is logged by the trackers (after it), not checkpointed
+    class Crash(tw.Callback):  # epoch 3 ends, then the run dies before its checkpoint
         def on_epoch_end(self, run: tw.Run) -> None:
             if run.epoch + 1 == crash["at"]:
                 raise RuntimeError("stopped")
 
-    options = FIT | {"epochs": 4, "checkpoint_dir": "ck", "log_to": ["csv", "tensorboard"]}
+    def fit(**options: Any) -> tw.History:
+        if placed == "log_to names":  # log_to's loggers come after Crash: epoch 3 is never logged
+            where = {"callbacks": [Crash()], "log_to": ["csv", "tensorboard"]}
+        else:  # before Crash: epoch 3 is logged, and the resumed run must drop it (truncate, purge)
+            where = {"callbacks": [tw.CSVLogger(), tw.TensorBoard(), Crash()]}
+        return tw.fit(make_mlp(), blobs(), checkpoint_dir="ck", **where, **(FIT | {"epochs": 4} | options))  # type: ignore[arg-type]
+
     with pytest.raises(RuntimeError):
-        tw.fit(make_mlp(), blobs(), callbacks=[Crash()], **options)  # type: ignore[arg-type]
-    time.sleep(1.1)  # a new second: a fresh run would get a new folder
+        fit()
+    (csv_file,) = Path("runs").glob("*/history.csv")
+    assert len(csv_file.read_text().splitlines()) == 1 + (2 if placed == "log_to names" else 3)
+    folders = set(Path("runs").iterdir())
     crash["at"] = 0
-    history = tw.fit(make_mlp(), blobs(), callbacks=[Crash()], resume=True, **options)  # type: ignore[arg-type]
-    (folder,) = Path("runs").iterdir()  # the resumed run continued the folder of its checkpoint
-    rows = list(csv.DictReader(io.StringIO((folder / "history.csv").read_text())))
+    history = fit(resume=True)
+    assert set(Path("runs").iterdir()) == folders  # the resumed run continued the folders of its checkpoint
+    rows = list(csv.DictReader(io.StringIO(csv_file.read_text())))
     assert [int(row["epoch"]) for row in rows] == [1, 2, 3, 4]
     for key, values in without_time(history).items():
         assert [float(row[key]) for row in rows] == values, key
-    events = EventAccumulator(str(folder))
+    (board,) = {path.parent for path in Path("runs").glob("*/events.*")}
+    events = EventAccumulator(str(board))
     events.Reload()
     assert [event.step for event in events.Scalars("loss")] == [1, 2, 3, 4]  # each once (purge_step)
     assert [event.value for event in events.Scalars("loss")] == pytest.approx(history["loss"], rel=1e-6)

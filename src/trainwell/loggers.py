@@ -89,7 +89,8 @@ class StepLosses:
 
     Args:
         every_n_steps: Keep the loss of every N-th optimizer step (``run.global_step``).
-        seconds: Read the kept losses at most this long after the previous read.
+        seconds: Read the kept losses at most this long after the previous read (None:
+            ``READ_EVERY_SECONDS``).
 
     Example:
         >>> losses = StepLosses(every_n_steps=10)
@@ -97,10 +98,10 @@ class StepLosses:
         []
     """
 
-    def __init__(self, every_n_steps: int, seconds: float = READ_EVERY_SECONDS) -> None:
+    def __init__(self, every_n_steps: int, seconds: float | None = None) -> None:
         check_count("every_n_steps", every_n_steps)
         self.every_n_steps = every_n_steps
-        self.seconds = seconds
+        self.seconds = READ_EVERY_SECONDS if seconds is None else seconds
         self.steps: list[int] = []
         self.losses: list[torch.Tensor] = []
         self.read_at = time.monotonic()
