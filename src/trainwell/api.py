@@ -193,10 +193,12 @@ def fit(
             ``WandbLogger``, ``TensorBoard``, ``CSVLogger``). A name takes the tracker's own
             configuration (``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``; ``WANDB_PROJECT``,
             ``WANDB_MODE``, ...); ``"tensorboard"`` and ``"csv"`` write to a new folder
-            ``runs/<Mon DD_HH-MM-SS>_<host>``. Trackers log the resolved options as parameters,
-            every epoch's values, and at the end the History and the weights; only rank 0 logs;
-            a resumed fit continues the same tracked run; a tracker that fails warns once and
-            training goes on. None (the default) logs nowhere.
+            ``runs/<Mon DD_HH-MM-SS>_<host>`` (``-2``, ... when the name is taken). Trackers log
+            the resolved options as parameters, every epoch's values, and at the end the History
+            and the weights (a ModelCheckpoint's best file, else those ``fit`` returns); they run
+            after ``callbacks``; only rank 0 logs; a resumed fit continues the same tracked run; a
+            tracker that fails warns once and training goes on. A logger object may appear once,
+            here or in ``callbacks``. None (the default) logs nowhere.
         seed: Makes the data order, ``val_split`` and torch's random numbers (dropout)
             reproducible; it seeds torch's global generator.
         **optimizer_options: Extra arguments of a named optimizer, e.g. ``momentum=0.9``.
