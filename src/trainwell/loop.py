@@ -24,8 +24,9 @@ Order of events in ``fit_loop`` (a test asserts it):
         which wait for the device anyway) and appended to the History; ``on_epoch_end``
      7. stop if ``run.stop_training``
   3. ``on_fit_end``, always (also after an exception, which is then in ``run.error``), of every
-     callback even when one raises: the fit's own error, else the first hook's, is raised once all have run, with a note
-     naming each further error (so the display closes and signal handlers are restored)
+     callback even when one raises: the fit's own error, else the first hook's, is raised once
+     all have run, with a note naming each further error (so the display closes and signal
+     handlers are restored)
 
 Nothing here reads a device value per step: losses and metrics go into device-side sums.
 
