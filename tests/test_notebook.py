@@ -7,6 +7,7 @@ import base64
 import html.parser
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -80,7 +81,9 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, list[A
     )
     client = nbclient.NotebookClient(book, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(folder)}})  # fmt: skip
-    client.execute(env={"OMP_NUM_THREADS": "1"})
+    # the kernel's environment is this one (jupyter_client replaces it when env= is given), with
+    # IPython's profile in the test's folder rather than the user's home
+    client.execute(env=os.environ | {"OMP_NUM_THREADS": "1", "IPYTHONDIR": str(folder / "ipython")})
     nbformat.write(book, folder / "executed.ipynb")
     saved = nbformat.read(folder / "executed.ipynb", as_version=4)
     nbformat.validate(saved)
