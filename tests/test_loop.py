@@ -90,26 +90,32 @@ def count_host_syncs() -> Iterator[list[str]]:
             setattr(torch.Tensor, name, original)
 
 
+class SyncsPerStep(tw.Callback):
+    """Counts each training step's host synchronisations (``count_host_syncs``), from its batch's
+    start to its end: last in the callbacks, it counts the other callbacks' batch-end hooks too."""
+
+    def __init__(self) -> None:
+        self.per_step: list[int] = []
+
+    def on_train_batch_start(self, run: tw.Run) -> None:
+        self.context = count_host_syncs()
+        self.calls = self.context.__enter__()
+
+    def on_train_batch_end(self, run: tw.Run) -> None:
+        self.context.__exit__(None, None, None)
+        self.per_step.append(len(self.calls))
+
+
 def test_training_steps_never_synchronise_with_the_device() -> None:
     # No GPU here: counting the calls that would synchronise stands in for
     # torch.cuda.set_sync_debug_mode("error"), which the GPU variant below uses.
-    per_step: list[int] = []
-
-    class Watch(tw.Callback):
-        def on_train_batch_start(self, run: tw.Run) -> None:
-            self.context = count_host_syncs()
-            self.calls = self.context.__enter__()
-
-        def on_train_batch_end(self, run: tw.Run) -> None:
-            self.context.__exit__(None, None, None)
-            per_step.append(len(self.calls))
-
+    watch = SyncsPerStep()
     # terminate_on_nan="auto" reads each loss on the CPU only (free there; off on GPUs): switched off
     # here so that the step itself is measured.
     tw.fit(make_mlp(), blobs(), loss="cross_entropy", metrics=["accuracy", "top2_accuracy", "f1_macro", "iou"],
-           batch_size=16, epochs=2, callbacks=[Watch()], progress=False, terminate_on_nan=False)  # fmt: skip
-    assert len(per_step) == 2 * 19
-    assert per_step == [0] * len(per_step)
+           batch_size=16, epochs=2, callbacks=[watch], progress=False, terminate_on_nan=False)  # fmt: skip
+    assert len(watch.per_step) == 2 * 19
+    assert watch.per_step == [0] * len(watch.per_step)
 
 
 def test_a_quiet_fit_reads_the_device_once_per_pass() -> None:

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import trainwell as tw
-from test_loop import count_host_syncs
+from test_loop import SyncsPerStep
 from trainwell import loggers
 from trainwell.history import TIME_KEYS
 from trainwell.loggers import STEP_KEY
@@ -205,24 +205,14 @@ def test_step_losses_are_kept_on_the_device_not_read_per_step(
     mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(loggers, "READ_EVERY_SECONDS", 1e9)  # a slow machine must not reach the timed read
-    per_step: list[int] = []
-
-    class Watch(tw.Callback):  # after the loggers' on_train_batch_end: it measures theirs too
-        def on_train_batch_start(self, run: tw.Run) -> None:
-            self.context = count_host_syncs()
-            self.calls = self.context.__enter__()
-
-        def on_train_batch_end(self, run: tw.Run) -> None:
-            self.context.__exit__(None, None, None)
-            per_step.append(len(self.calls))
-
+    watch = SyncsPerStep()  # after the loggers' on_train_batch_end: it counts theirs too
     loggers_ = [
         tw.MLflowLogger(experiment=f"sync-{uuid.uuid4().hex[:8]}", tracking_uri=mlflow_uri, every_n_steps=1),
         tw.TensorBoard(tmp_path, every_n_steps=1),
     ]
-    tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=2, batch_size=16, callbacks=[*loggers_, Watch()],
+    tw.fit(make_mlp(), blobs(), loss="cross_entropy", epochs=2, batch_size=16, callbacks=[*loggers_, watch],
            progress=False, terminate_on_nan=False)  # fmt: skip
-    assert per_step == [0] * 38  # read together at each epoch's end (or every few seconds), never per step
+    assert watch.per_step == [0] * 38  # read together at each epoch's end (or every few seconds), never per step
 
 
 def test_an_experiment_id_of_mlflows_current_store_is_not_used_in_another(
