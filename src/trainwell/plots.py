@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,10 +56,7 @@ def plot_history(logs: Mapping[str, Sequence[float]], path: str | Path | None = 
     Returns:
         The matplotlib Figure.
     """
-    names = [key for key in logs if not key.startswith("val_")]
-    names += [
-        key.removeprefix("val_") for key in logs if key.startswith("val_") and key.removeprefix("val_") not in logs
-    ]
+    names = quantities(logs)
     if not names:
         raise data_error("There is nothing to plot.", "an empty history", "train for at least one epoch first.")
     columns = min(len(names), 3)
@@ -79,6 +76,18 @@ def plot_history(logs: Mapping[str, Sequence[float]], path: str | Path | None = 
     for axis in axes[len(names) :]:
         axis.set_visible(False)
     return _saved(figure, path)
+
+
+def quantities(keys: Iterable[str]) -> list[str]:
+    """The quantities of log ``keys``, one panel each: the training ones, then those only validated.
+
+    Example:
+        >>> quantities(["loss", "val_loss", "val_f1"])
+        ['loss', 'f1']
+    """
+    keys = list(keys)
+    names = [key for key in keys if not key.startswith("val_")]
+    return names + [key[4:] for key in keys if key.startswith("val_") and key[4:] not in keys]
 
 
 def plot_confusion_matrix(

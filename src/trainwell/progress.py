@@ -17,6 +17,7 @@ from trainwell.batches import Batches
 from trainwell.callbacks import Callback
 from trainwell.history import TIME_KEYS, History
 from trainwell.metrics import known_direction
+from trainwell.plots import quantities
 from trainwell.run import Run
 
 DisplayMode = Literal["live", "notebook", "lines"]
@@ -341,8 +342,7 @@ class _Board:
         if not final and now - self.drawn[1] < CHART_SECONDS:
             return self.drawn[0]
         history = run.history
-        names = [key for key in history if not key.startswith("val_") and key not in (*TIME_KEYS, "lr")]
-        names += [key.removeprefix("val_") for key in history if key.startswith("val_") and key[4:] not in history]
+        names = quantities(key for key in history if key not in (*TIME_KEYS, "lr"))
         names += [key for key in self.ticks if key not in names]
         panels = []
         for name in names:
